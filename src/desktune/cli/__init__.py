@@ -1,0 +1,1 @@
+"""`desktune` command line: one module per subcommand, each with `register(subparsers)`."""
