@@ -27,3 +27,31 @@ class AdapterFolderConflictError(DesktuneError, FileExistsError):
 
 class GPUOutOfMemoryError(DesktuneError, RuntimeError):
     """CUDA ran out of memory; the message says what to lower."""
+
+
+class DatasetFormatError(DesktuneError, ValueError):
+    """A dataset's shape (columns, file type) is not one desktune reads."""
+
+
+class BadRowError(DesktuneError, ValueError):
+    """A dataset row is malformed; `index` is its 0-based position in the loaded dataset."""
+
+    def __init__(self, index: int, reason: str):
+        self.index = index
+        self.reason = reason
+        super().__init__(
+            f"row {index}: {reason}. Fix the row, or pass on_bad_row='skip' to leave malformed rows out "
+            "(each one is logged)"
+        )
+
+
+class ChatTemplateError(DesktuneError, ValueError):
+    """An unknown chat template name, or a template whose markers are not in the tokenized text."""
+
+
+class TrainConfigError(DesktuneError, ValueError):
+    """A training config (YAML or key=value override) has an unknown key or a wrong value."""
+
+
+class GGUFExportError(DesktuneError, RuntimeError):
+    """A GGUF export could not be written (unknown method, missing llama.cpp quantizer, bad folder)."""
