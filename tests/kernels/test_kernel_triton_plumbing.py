@@ -1,0 +1,33 @@
+"""The per-launch interpreter choice leaves triton and the process as they were."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+triton = __import__("pytest").importorskip("triton")
+
+
+def test_interpreted_launch_restores_triton_language():
+    import triton.language as tl
+    from triton.runtime.jit import JITFunction
+
+    from desktune.kernels.rmsnorm import rmsnorm_forward
+
+    reduce_before, sum_before, sigmoid_before = tl.core.reduce, tl.sum, tl.sigmoid
+    y, _ = rmsnorm_forward(torch.randn(3, 10), torch.ones(10), 1e-6)
+    assert torch.isfinite(y).all()
+    assert tl.core.reduce is reduce_before and tl.sum is sum_before and tl.sigmoid is sigmoid_before
+    assert isinstance(tl.sum, JITFunction)
+    assert "TRITON_INTERPRET" not in os.environ or os.environ["TRITON_INTERPRET"] == os.environ.get("TRITON_INTERPRET")
+
+
+def test_kernel_picks_interpreter_for_cpu_tensors():
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from desktune.kernels import _triton
+    from desktune.kernels.swiglu import _glu_forward_kernel
+
+    assert isinstance(_glu_forward_kernel._for((torch.zeros(1),)), InterpretedFunction)
+    assert _triton.use_triton(torch.zeros(1)) is False
