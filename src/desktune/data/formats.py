@@ -117,7 +117,8 @@ def row_to_messages(row: dict, fmt: str, system: str | None = None) -> list[dict
     if fmt == "sharegpt":
         return sharegpt_to_messages(row["conversations"])
     if fmt == "messages":
-        messages = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+        # extra per-turn fields (gpt-oss "thinking", Qwen3 "reasoning_content", ...) stay for the template
+        messages = [{k: v for k, v in m.items() if v is not None} for m in row["messages"]]
         if system and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": system})
         return messages
