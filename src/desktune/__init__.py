@@ -16,6 +16,13 @@ __version__ = "0.1.0"
 _PUBLIC = {
     "FastLanguageModel": "desktune.api",
     "is_bfloat16_supported": "desktune.api",
+    "get_chat_template": "desktune.data.templates",
+    "train_on_responses_only": "desktune.data.masking",
+    "standardize_sharegpt": "desktune.data.formats",
+    "standardize_data_formats": "desktune.data.formats",
+    "prepare_dataset": "desktune.data.pipeline",
+    "TrainingProgress": "desktune.train.progress",
+    "plot_loss": "desktune.train.progress",
 }
 
 __all__ = ["__version__", *_PUBLIC]

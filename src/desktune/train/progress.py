@@ -1,8 +1,8 @@
 """A progress bar with loss, tokens/s and ETA, and the loss curve afterwards.
 
-`TrainingProgress` is a transformers `TrainerCallback`: pass it in `callbacks=[...]`
-(and `disable_tqdm=True` in the training arguments so the stock bar does not draw a
-second one). In a notebook `tqdm.auto` draws a live widget bar; over SSH a text bar.
+`TrainingProgress.attach(trainer)` swaps it in for the stock progress bar and log
+printer of a transformers/TRL trainer. In a notebook `tqdm.auto` draws a live widget
+bar; over SSH a text bar.
 It also keeps every logged (step, loss) for `plot_loss`.
 """
 
@@ -22,6 +22,18 @@ class TrainingProgress(TrainerCallback):
         self.notebook = notebook
         self.losses: list[tuple[int, float]] = []
         self.bar = None
+
+    @classmethod
+    def attach(cls, trainer, metrics_file: str | Path | None = None, notebook: bool | None = None):
+        """Replace the trainer's stock progress bar / log printer with this one; returns the callback."""
+        from transformers.trainer_callback import PrinterCallback, ProgressCallback
+        from transformers.utils.notebook import NotebookProgressCallback
+
+        for stock in (PrinterCallback, ProgressCallback, NotebookProgressCallback):
+            trainer.remove_callback(stock)
+        progress = cls(metrics_file=metrics_file, notebook=notebook)
+        trainer.add_callback(progress)
+        return progress
 
     def _tqdm(self):
         if self.notebook is False:

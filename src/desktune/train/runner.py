@@ -109,7 +109,6 @@ def sft_arguments(config: TrainConfig, **extra):
         bf16=bf16,
         fp16=on_gpu and not bf16 and not config.quantization.full_finetuning,
         report_to="none",  # TensorBoard is added as a callback with an explicit folder
-        disable_tqdm=True,  # TrainingProgress draws the bar
         include_num_input_tokens_seen="non_padding",
         dataset_num_proc=None,
         **extra,
@@ -118,8 +117,6 @@ def sft_arguments(config: TrainConfig, **extra):
 
 def build_trainer(config: TrainConfig, model=None, tokenizer=None, dataset=None):
     """The DesktuneSFTTrainer for `config` (model/tokenizer/dataset are built when not given)."""
-    from transformers.trainer_callback import PrinterCallback
-
     from desktune.data.masking import train_on_responses_only
     from desktune.data.pipeline import prepare_dataset
     from desktune.train.progress import TrainingProgress
@@ -141,7 +138,7 @@ def build_trainer(config: TrainConfig, model=None, tokenizer=None, dataset=None)
             split=d.split,
             max_rows=d.max_rows,
         )
-    callbacks = [TrainingProgress(metrics_file=out / "metrics.jsonl")]
+    callbacks = []
     if config.output.tensorboard:
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -157,7 +154,7 @@ def build_trainer(config: TrainConfig, model=None, tokenizer=None, dataset=None)
         processing_class=tokenizer,
         callbacks=callbacks,
     )
-    trainer.remove_callback(PrinterCallback)  # it prints every log dict; the progress bar shows them
+    TrainingProgress.attach(trainer, metrics_file=out / "metrics.jsonl")
     if config.template.train_on_responses_only and "messages" in dataset.column_names:
         train_on_responses_only(trainer, config.template.instruction_part, config.template.response_part)
     return trainer
