@@ -13,7 +13,7 @@ import logging
 import sys
 
 # Subcommand modules, in the order `desktune --help` lists them.
-SUBCOMMAND_MODULES: tuple[str, ...] = ("doctor", "train")
+SUBCOMMAND_MODULES: tuple[str, ...] = ("doctor", "train", "merge", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,23 @@
+"""Fixtures of the export tests: tiny trained model folders (see gguf_helpers)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gguf_helpers import build_model_folder
+
+
+@pytest.fixture(scope="session")
+def trained_folder(tmp_path_factory):
+    """trained_folder(model_type, hidden=64) -> folder with a trained tiny model + tokenizer."""
+    made: dict[tuple, Path] = {}
+
+    def make(model_type: str = "llama", hidden: int = 64, steps: int = 200) -> Path:
+        key = (model_type, hidden, steps)
+        if key not in made:
+            made[key] = build_model_folder(tmp_path_factory.mktemp(f"{model_type}-{hidden}"), *key)
+        return made[key]
+
+    return make

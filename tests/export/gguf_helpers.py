@@ -1,0 +1,111 @@
+"""Tiny trained models for the GGUF tests: a byte-level BPE tokenizer trained in code and
+small models of each family trained for a few hundred steps on a short corpus, so their
+attention is sharp enough that a wrong q/k permutation or rope setting changes the logits
+(a random model barely notices)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+CORPUS = [
+    "the cat sat on the mat and looked at the red ball.",
+    "a dog ran in the park with a small stick in its mouth.",
+    "one two three four five six seven eight nine ten.",
+    "alice wrote a letter to bob about the weather in paris.",
+    "the quick brown fox jumps over the lazy dog every day.",
+    "we bake bread in the morning and eat soup at night.",
+]
+PROMPT = "the quick brown fox"
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+
+
+def make_tokenizer():
+    """A Llama-3-style byte-level BPE tokenizer (same split regex, specials, BOS on encode)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(ignore_merges=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=[], show_progress=False)
+    tok.train_from_iterator(CORPUS * 4, trainer=trainer)
+    tok.add_special_tokens(SPECIALS)
+    bos = tok.token_to_id("<|begin_of_text|>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A $B:1",
+        special_tokens=[("<|begin_of_text|>", bos)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                                   pad_token="<|end_of_text|>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def make_config(model_type: str, vocab_size: int, hidden: int):
+    from transformers import AutoConfig
+
+    heads = 4
+    common = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                  num_attention_heads=heads, num_key_value_heads=2, max_position_embeddings=256,
+                  rms_norm_eps=1e-5, tie_word_embeddings=False)
+    if model_type == "llama":
+        # llama3 rope scaling with a short original context, so the rope_freqs factors matter.
+        common["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                                     "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                     "original_max_position_embeddings": 32}
+    if model_type == "qwen3":
+        common["head_dim"] = 2 * hidden // heads  # differs from hidden/heads, as in real Qwen3
+    if model_type in ("gemma2", "gemma3_text"):
+        common.update(head_dim=hidden // heads, query_pre_attn_scalar=hidden // heads, tie_word_embeddings=True,
+                      hidden_activation="gelu_pytorch_tanh")
+    if model_type == "gemma3_text":
+        common["num_hidden_layers"] = 6  # one full-attention layer after five sliding ones
+    return AutoConfig.for_model(model_type, **common)
+
+
+def train_tiny(model, tokenizer, steps: int, seed: int = 0):
+    import torch
+
+    torch.manual_seed(seed)
+    rows = [tokenizer(t)["input_ids"] for t in CORPUS]
+    width = max(map(len, rows))
+    pad = tokenizer.pad_token_id
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+    labels = ids.masked_fill(ids == pad, -100)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    loss = torch.tensor(float("nan"))
+    model.train()
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    return float(loss.detach())
+
+
+def build_model_folder(folder: Path, model_type: str, hidden: int = 64, steps: int = 200) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    tok = make_tokenizer()
+    config = make_config(model_type, vocab_size=len(tok), hidden=hidden)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    loss = train_tiny(model, tok, steps)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    (folder / "train_loss.json").write_text(json.dumps({"loss": loss}))
+    return folder
