@@ -5,15 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-bnb_functional = pytest.importorskip("bitsandbytes.functional")
+from desktune.kernels.nf4 import dequantize_4bit, dequantize_4bit_reference, quantize_nf4
 
-from desktune.kernels.nf4 import dequantize_4bit, dequantize_4bit_reference  # noqa: E402
+
+@pytest.fixture(scope="module")
+def bnb_functional():
+    return pytest.importorskip("bitsandbytes.functional")
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("nested", [True, False])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_dequantize_4bit_is_bitsandbytes_bit_for_bit(dtype, nested, quant_type):
+def test_dequantize_4bit_is_bitsandbytes_bit_for_bit(bnb_functional, dtype, nested, quant_type):
     torch.manual_seed(0)
     # 37 x 130 = 4810 values: 75 full blocks of 64 and a partial one.
     weight = (torch.randn(37, 130) * torch.linspace(0.01, 3, 130)).to(dtype)
@@ -25,7 +28,7 @@ def test_dequantize_4bit_is_bitsandbytes_bit_for_bit(dtype, nested, quant_type):
     assert torch.equal(dequantize_4bit_reference(packed, state), want)
 
 
-def test_dequantize_4bit_nested_spans_several_second_level_blocks():
+def test_dequantize_4bit_nested_spans_several_second_level_blocks(bnb_functional):
     # 300 x 130 values -> 610 absmax codes -> 3 second-level blocks of 256.
     torch.manual_seed(1)
     weight = torch.randn(300, 130).to(torch.bfloat16)
@@ -37,7 +40,7 @@ def test_dequantize_4bit_nested_spans_several_second_level_blocks():
     assert (got.float() - weight.float()).abs().mean() < 0.1
 
 
-def test_dequantize_4bit_into_given_buffer_and_shape_errors():
+def test_dequantize_4bit_into_given_buffer_and_shape_errors(bnb_functional):
     weight = torch.randn(8, 64)
     packed, state = bnb_functional.quantize_4bit(weight, blocksize=64, quant_type="nf4")
     out = torch.empty(8, 64)
@@ -48,11 +51,36 @@ def test_dequantize_4bit_into_given_buffer_and_shape_errors():
 
 
 @pytest.mark.gpu
-def test_dequantize_4bit_gpu_llama_mlp_weight():
+@pytest.mark.parametrize("nested", [True, False])
+def test_dequantize_4bit_gpu_llama_mlp_weight(nested):
     torch.manual_seed(0)
     weight = torch.randn(14336, 4096, device="cuda", dtype=torch.bfloat16) * 0.02
-    packed, state = bnb_functional.quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4")
-    want = bnb_functional.dequantize_4bit(packed, state)
+    packed, state = quantize_nf4(weight, compress_statistics=nested)  # no bitsandbytes needed
+    want = dequantize_4bit_reference(packed, state)
     got = dequantize_4bit(packed, state)
-    # The GPU may fuse the second level's multiply-add into one FMA: allow one bf16 ulp.
-    torch.testing.assert_close(got.float(), want.float(), atol=0, rtol=2**-7)
+    if nested:  # the GPU may fuse the second level's multiply-add into one FMA: one bf16 ulp
+        torch.testing.assert_close(got.float(), want.float(), atol=0, rtol=2**-7)
+    else:
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("nested", [True, False])
+def test_quantize_nf4_is_read_the_same_by_bitsandbytes_and_our_kernel(bnb_functional, nested):
+    torch.manual_seed(2)
+    weight = (torch.randn(300, 130) * 0.05).to(torch.bfloat16)
+    packed, state = quantize_nf4(weight, compress_statistics=nested)
+    ref_packed, ref_state = bnb_functional.quantize_4bit(weight, blocksize=64, compress_statistics=False, quant_type="nf4")
+    if not nested:  # same first level as bitsandbytes, byte for byte
+        assert torch.equal(packed, ref_packed) and torch.equal(state.absmax, ref_state.absmax)
+    # bitsandbytes' own dequantiser reads our state (its second level included)
+    state2 = state.state2
+    bnb_state = bnb_functional.QuantState(
+        absmax=state.absmax, shape=torch.Size(state.shape), dtype=state.dtype, blocksize=state.blocksize,
+        code=state.code, quant_type="nf4", offset=state.offset,
+        state2=None if state2 is None else bnb_functional.QuantState(
+            absmax=state2.absmax, code=state2.code, blocksize=state2.blocksize, dtype=torch.float32),
+    )
+    want = bnb_functional.dequantize_4bit(packed, bnb_state)
+    assert torch.equal(dequantize_4bit(packed, state), want)
+    assert torch.equal(dequantize_4bit_reference(packed, state), want)
+    assert (want.float() - weight.float()).abs().mean() < 0.006  # NF4 error at scale 0.05

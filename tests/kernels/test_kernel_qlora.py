@@ -6,17 +6,17 @@ import pytest
 import torch
 from tolerances import assert_close
 
-bnb_functional = pytest.importorskip("bitsandbytes.functional")
-
-from desktune.kernels.nf4 import dequantize_4bit_reference  # noqa: E402
-from desktune.kernels.nf4_matmul import nf4_matmul  # noqa: E402
-from desktune.kernels.qlora import qlora_linear, qlora_linear_reference  # noqa: E402
+from desktune.kernels.nf4 import dequantize_4bit_reference, quantize_nf4
+from desktune.kernels.nf4_matmul import nf4_matmul
+from desktune.kernels.qlora import qlora_linear, qlora_linear_reference
 
 
 def _quantized(out_f, in_f, dtype, nested=True, seed=0, device="cpu"):
+    # bitsandbytes' layout (test_kernel_nf4 checks it against bitsandbytes); made without it
+    # so these tests also run where bitsandbytes is not installed (the GPU machine).
     torch.manual_seed(seed)
     weight = (torch.randn(out_f, in_f, device=device) * 0.05).to(dtype)
-    return bnb_functional.quantize_4bit(weight, blocksize=64, compress_statistics=nested, quant_type="nf4")
+    return quantize_nf4(weight, blocksize=64, compress_statistics=nested)
 
 
 @pytest.mark.parametrize("nested", [True, False])

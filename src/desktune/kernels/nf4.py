@@ -7,14 +7,28 @@ Value e is   w[e] = code[nibble(e)] * absmax[e // blocksize]   (float32), cast t
 code is the 16-entry NF4 (or FP4) table. With double quantisation (`quant_state.nested`)
 absmax itself is stored as uint8 codes with a second level:
     absmax[b] = code2[absmax_q[b]] * absmax2[b // blocksize2] + offset      (float32)
-Backward: none (the weight is frozen). This file only dequantises; qlora.py uses it.
+Backward: none (the weight is frozen). qlora.py uses the dequantiser.
+
+`quantize_nf4` writes this layout without bitsandbytes (the GPU machine may not have it):
+the same NF4 table and first level; its second-level code is a uniform signed 8-bit grid
+instead of bitsandbytes' dynamic map, which the dequantisers read from the state anyway.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from desktune.kernels._triton import cdiv, kernel, tl
+
+# bitsandbytes' NF4 table (normal-float quantiles), ascending.
+NF4_CODE = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0,
+)
 
 
 @kernel
@@ -122,3 +136,57 @@ def dequantize_4bit_reference(packed: torch.Tensor, quant_state) -> torch.Tensor
         absmax = quant_state.absmax.float()
     scale = absmax.repeat_interleave(quant_state.blocksize)[:n]
     return (values * scale).reshape(shape).to(quant_state.dtype)
+
+
+@dataclass
+class QuantState4bit:
+    """The fields of bitsandbytes' QuantState that the dequantisers read (same names)."""
+
+    absmax: torch.Tensor
+    shape: tuple
+    dtype: torch.dtype
+    blocksize: int
+    code: torch.Tensor
+    quant_type: str = "nf4"
+    offset: torch.Tensor | None = None
+    state2: "QuantState4bit | None" = None
+
+    @property
+    def nested(self) -> bool:
+        return self.state2 is not None
+
+
+def _blockwise_absmax(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
+    pad = (-flat.numel()) % blocksize
+    blocks = torch.nn.functional.pad(flat.abs(), (0, pad)).reshape(-1, blocksize)
+    return blocks.amax(dim=1).clamp(min=1e-38)
+
+
+def _nearest(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    return torch.bucketize(scaled, (code[:-1] + code[1:]) / 2).to(torch.uint8)
+
+
+def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, compress_statistics: bool = True):
+    """(packed uint8 [(n+1)//2, 1], QuantState4bit) for `weight`, in bitsandbytes' NF4 layout."""
+    flat = weight.reshape(-1).float()
+    n = flat.numel()
+    absmax = _blockwise_absmax(flat, blocksize)
+    scale = absmax.repeat_interleave(blocksize)[:n]
+    code = torch.tensor(NF4_CODE, dtype=torch.float32, device=weight.device)
+    q = _nearest((flat / scale).clamp(-1, 1), code)
+    if n % 2:
+        q = torch.cat((q, q.new_zeros(1)))
+    packed = ((q[0::2] << 4) | q[1::2]).unsqueeze(1)
+    state = QuantState4bit(absmax=absmax, shape=tuple(weight.shape), dtype=weight.dtype, blocksize=blocksize, code=code)
+    if compress_statistics:
+        offset = absmax.mean()
+        centred = absmax - offset
+        absmax2 = _blockwise_absmax(centred, 256)
+        code2 = torch.linspace(-1.0, 1.0, 256, device=weight.device)
+        scaled = (centred / absmax2.repeat_interleave(256)[: centred.numel()]).clamp(-1, 1)
+        state.absmax = _nearest(scaled, code2)
+        state.offset = offset
+        state.state2 = QuantState4bit(
+            absmax=absmax2, shape=tuple(centred.shape), dtype=torch.float32, blocksize=256, code=code2, quant_type="int8"
+        )
+    return packed, state
