@@ -30,7 +30,7 @@ class LoraSettings:
 def _linear_leaf_names(model: nn.Module) -> set[str]:
     names = set()
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
+        if isinstance(module, nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt", "Conv1D"):
             names.add(name.rsplit(".", 1)[-1])
     return names
 

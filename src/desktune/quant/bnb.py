@@ -58,4 +58,13 @@ def dequantize_linear_weight(module: nn.Module) -> torch.Tensor:
     """The 16/32-bit weight of a bitsandbytes Linear4bit / Linear8bitLt (a new tensor)."""
     from peft.utils.integrations import dequantize_bnb_weight
 
+    state = getattr(module.weight, "quant_state", None)
+    if getattr(state, "packing_format_for_cpu", False):
+        # bitsandbytes repacks 4-bit weights for its CPU inference kernel on the first
+        # eval forward; undo that (as its own state_dict saving does) before reading them.
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+            module.weight.data, state
+        )
     return dequantize_bnb_weight(module.weight, state=getattr(module, "state", None))
