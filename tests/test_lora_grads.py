@@ -47,6 +47,8 @@ def test_lora_gradients_match_plain_peft(tiny_model_dir, model_type, four_bit):
     model, tokenizer = FastLanguageModel.from_pretrained(folder, max_seq_length=64, load_in_4bit=four_bit)
     model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, target_modules=TARGETS,
                                              use_gradient_checkpointing="unsloth", random_state=0)
+    # 4-bit LoRA layers run desktune's fused QLoRA Function, not PEFT's forward.
+    assert model.get_base_model()._desktune_patches["qlora_linear"] == (14 if four_bit else 0)
     quant = None
     if four_bit:
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,

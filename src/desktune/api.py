@@ -11,6 +11,7 @@ import types
 
 import torch
 
+from desktune.lora.fast_lora import patch_qlora_layers
 from desktune.lora.peft_setup import LoraSettings, add_lora
 from desktune.lora.save import save_adapter
 from desktune.memory.checkpointing import apply_gradient_checkpointing
@@ -126,6 +127,9 @@ class FastLanguageModel:
             extra=kwargs,
         )
         peft_model = add_lora(model, settings, registry.default_target_modules(model.config))
+        patches = getattr(model, "_desktune_patches", None)
+        if patches is not None:  # fallback models keep PEFT's own layers
+            patches["qlora_linear"] = patch_qlora_layers(peft_model)
         peft_model.max_seq_length = model.max_seq_length
         _attach_save_methods(peft_model)
         return peft_model

@@ -1,0 +1,56 @@
+"""Per-instance fast path for PEFT's 4-bit LoRA layers.
+
+PEFT's lora.bnb.Linear4bit runs bitsandbytes' matmul (which dequantises W and keeps
+what autograd needs) and then the adapter as separate modules. Here each such layer
+instance gets a forward that calls kernels.qlora.qlora_linear: W is dequantised by a
+Triton kernel into a temporary for the matmul and again in backward, and the LoRA
+product is fused into the same autograd Function. Anything the fused path does not
+cover at call time (adapters disabled or merged, several active adapters, dropout,
+DoRA, extra call arguments) goes through PEFT's own forward.
+"""
+
+from __future__ import annotations
+
+import types
+
+from torch import nn
+
+from desktune.kernels.qlora import qlora_linear
+
+
+def _fused_forward(original):
+    def forward(self, x, *args, **kwargs):
+        if args or kwargs or self.disable_adapters or self.merged or len(self.active_adapters) != 1:
+            return original(x, *args, **kwargs)
+        name = self.active_adapters[0]
+        if (
+            name not in self.lora_A
+            or not isinstance(self.lora_dropout[name], nn.Identity)
+            or self.use_dora.get(name, False)
+            or self.lora_bias.get(name, False)
+        ):
+            return original(x, *args, **kwargs)
+        base = self.base_layer
+        compute_dtype = base.compute_dtype or x.dtype
+        out = qlora_linear(
+            x.to(compute_dtype),
+            base.weight.data,
+            base.weight.quant_state,
+            self.lora_A[name].weight,
+            self.lora_B[name].weight,
+            self.scaling[name],
+            base.bias,
+        )
+        return out.to(x.dtype)
+
+    return forward
+
+
+def patch_qlora_layers(peft_model: nn.Module) -> int:
+    """Give every PEFT 4-bit LoRA layer of this model the fused forward; returns how many."""
+    count = 0
+    for module in peft_model.modules():
+        if type(module).__module__.startswith("peft.tuners.lora.bnb") and type(module).__name__ == "Linear4bit":
+            module.forward = types.MethodType(_fused_forward(module.forward), module)
+            count += 1
+    return count
