@@ -43,6 +43,11 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     return HAS_TRITON and all(t.is_cuda for t in tensors)
 
 
+def owned_by_caller(t: torch.Tensor) -> bool:
+    """A leaf or a view of one: the caller's tensor, which in-place kernels must not overwrite."""
+    return t.is_leaf or (t._base is not None and t._base.is_leaf)
+
+
 class _InterpretedLanguage(types.ModuleType):
     """`triton.language` for an interpreted kernel: jit'd library functions run interpreted."""
 

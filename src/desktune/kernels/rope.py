@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from desktune.kernels._triton import kernel, next_power_of_2, tl, use_triton
+from desktune.kernels._triton import kernel, next_power_of_2, owned_by_caller, tl, use_triton
 
 
 @kernel
@@ -121,11 +121,12 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
     """(q, k) with rotary embedding applied; on CUDA q and k are rotated in their storage."""
     if not use_triton(q, k, cos, sin):
         return apply_rope_reference(q, k, cos, sin)
-    # A leaf that needs a grad cannot be modified in place, and a unit stride on D is
-    # required; anything else (projection outputs, their transposed views) is rotated as is.
-    if (q.is_leaf and q.requires_grad) or q.stride(-1) != 1:
+    # A leaf (or a view of one) is the caller's tensor and autograd forbids changing it in
+    # place; a unit stride on D is required. Projection outputs and their transposed views,
+    # what attention layers pass, are rotated where they are.
+    if owned_by_caller(q) or q.stride(-1) != 1:
         q = q.clone(memory_format=torch.contiguous_format)
-    if (k.is_leaf and k.requires_grad) or k.stride(-1) != 1:
+    if owned_by_caller(k) or k.stride(-1) != 1:
         k = k.clone(memory_format=torch.contiguous_format)
     return RoPEFunction.apply(q, cos, sin), RoPEFunction.apply(k, cos, sin)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from desktune.kernels._triton import cdiv, kernel, tl, use_triton
+from desktune.kernels._triton import cdiv, kernel, owned_by_caller, tl, use_triton
 
 _ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "gelu": 2}
 
@@ -118,9 +118,9 @@ class GLUFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gate, up, activation):
-        # A leaf (a user's tensor, a parameter) is never overwritten: copy it first.
-        gate = gate.clone() if gate.is_leaf else _flat(gate)
-        up = up.clone() if up.is_leaf else _flat(up)
+        # A leaf (a user's tensor, a parameter) or a view of one is never overwritten.
+        gate = gate.clone() if owned_by_caller(gate) else _flat(gate)
+        up = up.clone() if owned_by_caller(up) else _flat(up)
         ctx.activation = activation
         ctx.save_for_backward(gate, up)
         return glu_forward(gate, up, activation)
