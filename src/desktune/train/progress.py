@@ -31,6 +31,8 @@ class TrainingProgress(TrainerCallback):
 
         for stock in (PrinterCallback, ProgressCallback, NotebookProgressCallback):
             trainer.remove_callback(stock)
+        if trainer.args.include_num_input_tokens_seen in ("no", False, None):  # tokens/s needs the count
+            trainer.args.include_num_input_tokens_seen = "non_padding"
         progress = cls(metrics_file=metrics_file, notebook=notebook)
         trainer.add_callback(progress)
         return progress
