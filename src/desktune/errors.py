@@ -55,3 +55,7 @@ class TrainConfigError(DesktuneError, ValueError):
 
 class GGUFExportError(DesktuneError, RuntimeError):
     """A GGUF export could not be written (unknown method, missing llama.cpp quantizer, bad folder)."""
+
+
+class HostMemoryError(DesktuneError, MemoryError):
+    """Host (CPU) RAM is too small for what was asked, e.g. offloaded checkpoints of a long sequence."""
