@@ -20,6 +20,7 @@ from desktune.errors import SequenceTooLongError
 from desktune.kernels.cross_entropy import fused_linear_cross_entropy
 from desktune.kernels.rmsnorm import rmsnorm
 from desktune.kernels.swiglu import geglu, swiglu
+from desktune.memory.tiled_mlp import TiledMLPConfig, chunk_count, tiled_mlp
 
 # config activation name -> gated activation over (gate, up)
 GATED_ACTIVATIONS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
@@ -44,11 +45,24 @@ def patch_rmsnorm(module: nn.Module, offset: float) -> None:
     _bind(module, forward)
 
 
-def patch_gated_mlp(module: nn.Module, activation: str) -> None:
+def patch_gated_mlp(module: nn.Module, activation: str, tiling: TiledMLPConfig | None = TiledMLPConfig()) -> None:
+    """`tiling` (kept as module._desktune_tiling; memory.tiled_mlp.set_tiled_mlp changes
+    it per model) runs training calls of at least tiling.min_tokens tokens in chunks."""
     gated = GATED_ACTIVATIONS[activation]
+    module._desktune_tiling = tiling
 
     def forward(self, x):
-        return self.down_proj(gated(self.gate_proj(x), self.up_proj(x)))
+        def untiled(h):
+            return self.down_proj(gated(self.gate_proj(h), self.up_proj(h)))
+
+        tiling = self._desktune_tiling
+        tokens = x.numel() // x.shape[-1]
+        if tiling is not None and tokens >= tiling.min_tokens and torch.is_grad_enabled():
+            intermediate = getattr(self, "intermediate_size", None) or x.shape[-1]
+            chunks = chunk_count(tokens, x.shape[-1], intermediate, tiling)
+            trainable = tuple(p for p in self.parameters() if p.requires_grad)
+            return tiled_mlp(untiled, x, chunks, trainable)
+        return untiled(x)
 
     _bind(module, forward)
 
