@@ -84,6 +84,9 @@ def check_sequence_length(backbone: nn.Module, max_seq_length: Callable[[], int]
             tensor = args[0]
         limit = max_seq_length()
         if tensor is not None and tensor.dim() >= 2 and tensor.shape[1] > limit:
+            positions = kwargs.get("position_ids")
+            if positions is not None and int(positions.max()) < limit:
+                return None  # a padding-free row of several examples, each within the limit
             raise SequenceTooLongError(
                 f"this training batch has sequences of {tensor.shape[1]} tokens but the model was loaded with "
                 f"max_seq_length={limit}. Truncate the data to {limit} tokens (e.g. SFTConfig(max_length={limit})) "
