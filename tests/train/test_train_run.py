@@ -48,11 +48,11 @@ def _step_losses(checkpoint: Path) -> list[tuple[int, float]]:
     return [(e["step"], e["loss"]) for e in state["log_history"] if "loss" in e]
 
 
-def test_killed_run_resumes_with_the_same_loss_curve(tiny_llama_dir, tmp_path):
+def test_killed_run_resumes_with_the_same_loss_curve(tiny_model_dir, tmp_path):
     from desktune.cli.main import main as cli_main
     from desktune.train.runner import run
 
-    model_dir = tiny_llama_dir
+    model_dir = tiny_model_dir("llama")
     ref = run(_config(model_dir, tmp_path / "ref"))
     assert [s for s, _ in ref.losses] == [1, 2, 3, 4, 5, 6]
     assert ref.losses[-1][1] < ref.losses[0][1]  # it learns
@@ -98,21 +98,21 @@ def test_killed_run_resumes_with_the_same_loss_curve(tiny_llama_dir, tmp_path):
     assert [e["step"] for e in logged if "loss" in e][-4:] == [3, 4, 5, 6]  # the resumed part
 
 
-def test_run_refuses_to_mix_runs(tiny_llama_dir, tmp_path):
+def test_run_refuses_to_mix_runs(tiny_model_dir, tmp_path):
     from desktune.train.runner import run
 
     out = tmp_path / "run"
     with pytest.raises(TrainConfigError, match="no checkpoint-N folder"):
-        run(_config(tiny_llama_dir, out), resume=True)
+        run(_config(tiny_model_dir("llama"), out), resume=True)
     (out / "checkpoint-4").mkdir(parents=True)
     with pytest.raises(TrainConfigError, match="--resume"):
-        run(_config(tiny_llama_dir, out))
+        run(_config(tiny_model_dir("llama"), out))
 
 
-def test_trainer_datasets_carry_response_only_labels(tiny_llama_dir, tmp_path):
+def test_trainer_datasets_carry_response_only_labels(tiny_model_dir, tmp_path):
     from desktune.train.runner import build_trainer
 
-    trainer = build_trainer(_config(tiny_llama_dir, tmp_path / "run"))
+    trainer = build_trainer(_config(tiny_model_dir("llama"), tmp_path / "run"))
     tok = trainer.processing_class
     row = trainer.train_dataset[0]
     trained = [label for label in row["labels"] if label != -100]

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from desktune.data.formats import FORMATS, detect_format, load_rows, row_to_messages
-from desktune.data.validate import apply_policy, check_lengths, find_bad_rows
+from desktune.data.validate import apply_policy, check_lengths, find_bad_rows, kept_row_ids
 from desktune.log import logger
 
 
@@ -52,8 +52,7 @@ def prepare_dataset(
 
     problems = list(find_bad_rows(dataset, fmt))
     dataset = apply_policy(dataset, problems, on_bad_row)
-    bad = {i for i, _ in problems}
-    row_ids = [i for i in range(n_loaded) if i not in bad]
+    row_ids = kept_row_ids(n_loaded, problems)  # later checks report rows by their loaded index
 
     if fmt == "text":
         dataset = dataset.select_columns(["text"])
