@@ -25,7 +25,7 @@ EXPECTED_RUNS = {
     "llama-3.1": ["It is 4.<|eot_id|>", "It is 6.<|eot_id|>"],
     "chatml": ["It is 4.<|im_end|>\n", "It is 6.<|im_end|>\n"],
     "qwen-2.5": ["It is 4.<|im_end|>\n", "It is 6.<|im_end|>\n"],
-    "qwen3": ["It is 4.<|im_end|>\n", "It is 6.<|im_end|>\n"],
+    "qwen3": ["It is 4.<|im_end|>\n", "<think>\n\n</think>\n\nIt is 6.<|im_end|>\n"],
     "gemma-3": ["It is 4.<end_of_turn>\n", "It is 6.<end_of_turn>\n"],
     "gpt-oss": ["<|channel|>final<|message|>It is 4.<|end|>", "<|channel|>final<|message|>It is 6.<|return|>"],
     "alpaca": ["It is 4.<|eot_id|>\n\n", "It is 6.<|eot_id|>\n\n"],
@@ -72,6 +72,25 @@ def test_only_assistant_tokens_carry_labels(base_tokenizer, name):
     # every labelled position carries its own token id (a shift or offset would break this)
     assert all(lab in (-100, tok_id) for lab, tok_id in zip(row["labels"], ids))
     assert len(row["labels"]) == len(ids)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_RUNS))
+def test_generation_prompt_is_a_prefix_of_the_trained_chat(base_tokenizer, name):
+    # what the model is prompted with at inference must be exactly what preceded the answer in training
+    tok = _tokenizer_for(base_tokenizer, name)
+    full = tok.apply_chat_template(CHAT, tokenize=False)
+    prompt = tok.apply_chat_template(CHAT[:-1], tokenize=False, add_generation_prompt=True, enable_thinking=False)
+    assert full.startswith(prompt) and len(full) > len(prompt)
+
+
+def test_qwen3_keeps_reasoning_of_the_last_turn_only(base_tokenizer):
+    tok = _tokenizer_for(base_tokenizer, "qwen3")
+    chat = [dict(m) for m in CHAT]
+    chat[2]["reasoning_content"] = "early thought"
+    chat[4]["reasoning_content"] = "late thought"
+    text = tok.apply_chat_template(chat, tokenize=False)
+    assert "early thought" not in text
+    assert "<|im_start|>assistant\n<think>\nlate thought\n</think>\n\nIt is 6.<|im_end|>" in text
 
 
 def test_template_sets_eos_to_end_of_turn_when_in_vocab(base_tokenizer):
@@ -138,3 +157,15 @@ def test_unknown_template_needs_explicit_parts(base_tokenizer):
     tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     with pytest.raises(ChatTemplateError, match="instruction_part"):
         train_on_responses_only([{"input_ids": [1, 2]}], tokenizer=tok)
+
+
+def test_gpt_oss_reasoning_is_on_the_analysis_channel_and_trained(base_tokenizer):
+    tok = _tokenizer_for(base_tokenizer, "gpt-oss")
+    chat = [dict(m) for m in CHAT]
+    chat[4]["thinking"] = "3+3 is 6."
+    ids = tok.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"]
+    [row] = train_on_responses_only([{"input_ids": ids}], tokenizer=tok)
+    assert _runs(tok, row["labels"]) == [
+        "<|channel|>final<|message|>It is 4.<|end|>",
+        "<|channel|>analysis<|message|>3+3 is 6.<|end|><|start|>assistant<|channel|>final<|message|>It is 6.<|return|>",
+    ]

@@ -59,12 +59,17 @@ QWEN25 = (
     "{%- endif %}" + CHATML
 )
 
-# Qwen3: an assistant turn may carry its reasoning (`reasoning_content`) in a <think> block;
-# enable_thinking=False makes the generation prompt open and close an empty one.
+# Qwen3: the assistant turns after the last user message open with a <think> block (empty when
+# the row has no `reasoning_content`), which is what the generation prompt with
+# enable_thinking=False produces too; reasoning of earlier turns is dropped, as Qwen3's own
+# template does.
 QWEN3 = (
+    "{%- set ns = namespace(last_query=-1) %}"
+    "{%- for message in messages %}{%- if message['role'] == 'user' %}{%- set ns.last_query = loop.index0 %}"
+    "{%- endif %}{%- endfor %}"
     "{%- for message in messages %}"
-    "{%- if message['role'] == 'assistant' and message.get('reasoning_content') %}"
-    "{{- '<|im_start|>assistant\\n<think>\\n' + message['reasoning_content'] | trim + '\\n</think>\\n\\n'"
+    "{%- if message['role'] == 'assistant' and loop.index0 > ns.last_query %}"
+    "{{- '<|im_start|>assistant\\n<think>\\n' + (message.get('reasoning_content') or '') | trim + '\\n</think>\\n\\n'"
     " + message['content'] | trim + '<|im_end|>\\n' }}"
     "{%- else %}"
     "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
@@ -91,7 +96,8 @@ GEMMA3 = (
 
 # gpt-oss speaks OpenAI's harmony format: a fixed system header, the user's system prompt as
 # developer instructions, reasoning on the analysis channel, answers on the final channel. The
-# last assistant turn ends with <|return|> (what generation stops on), earlier ones with <|end|>.
+# last assistant turn ends with <|return|> (what generation stops on), earlier ones with <|end|>;
+# like gpt-oss's own template, only the last turn keeps its reasoning.
 GPT_OSS = (
     "{%- if reasoning_effort is not defined %}{%- set reasoning_effort = 'medium' %}{%- endif %}"
     "{{- '<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\\n"
@@ -107,7 +113,8 @@ GPT_OSS = (
     "{%- for message in loop_messages %}"
     "{%- if message['role'] == 'assistant' %}"
     "{%- set thinking = message.get('thinking') or message.get('reasoning_content') %}"
-    "{%- if thinking %}{{- '<|start|>assistant<|channel|>analysis<|message|>' + thinking | trim + '<|end|>' }}"
+    "{%- if thinking and loop.last %}"
+    "{{- '<|start|>assistant<|channel|>analysis<|message|>' + thinking | trim + '<|end|>' }}"
     "{%- endif %}"
     "{{- '<|start|>assistant<|channel|>final<|message|>' + message['content'] | trim"
     " + ('<|return|>' if loop.last else '<|end|>') }}"
