@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import types
 
+import torch
 from torch import nn
 
 from desktune.kernels.qlora import qlora_linear
@@ -31,17 +32,22 @@ def _fused_forward(original):
         ):
             return original(x, *args, **kwargs)
         base = self.base_layer
-        compute_dtype = base.compute_dtype or x.dtype
-        out = qlora_linear(
-            x.to(compute_dtype),
-            base.weight.data,
-            base.weight.quant_state,
-            self.lora_A[name].weight,
-            self.lora_B[name].weight,
-            self.scaling[name],
-            base.bias,
-        )
-        return out.to(x.dtype)
+        device_type = x.device.type
+        autocast = torch.is_autocast_enabled(device_type)
+        # Under autocast the layer computes in the autocast dtype, like nn.Linear would;
+        # the Function itself runs with autocast off so its in-place GEMMs see one dtype.
+        compute_dtype = torch.get_autocast_dtype(device_type) if autocast else (base.compute_dtype or x.dtype)
+        with torch.autocast(device_type, enabled=False):
+            out = qlora_linear(
+                x.to(compute_dtype),
+                base.weight.data,
+                base.weight.quant_state,
+                self.lora_A[name].weight,
+                self.lora_B[name].weight,
+                self.scaling[name],
+                base.bias,
+            )
+        return out if autocast else out.to(x.dtype)
 
     return forward
 
