@@ -169,3 +169,16 @@ def test_gpt_oss_reasoning_is_on_the_analysis_channel_and_trained(base_tokenizer
         "<|channel|>final<|message|>It is 4.<|end|>",
         "<|channel|>analysis<|message|>3+3 is 6.<|end|><|start|>assistant<|channel|>final<|message|>It is 6.<|return|>",
     ]
+
+
+def test_apply_chat_template_text_rows_get_one_bos(base_tokenizer):
+    import datasets
+
+    from desktune.data import apply_chat_template
+
+    tok = _tokenizer_for(base_tokenizer, "llama-3.1")
+    ds = apply_chat_template(datasets.Dataset.from_list([{"conversations": CHAT}]), tok)
+    text = ds[0]["text"]
+    assert not text.startswith("<|begin_of_text|>")  # the tokenizer adds it when TRL tokenizes the text
+    ids = tok(text)["input_ids"]
+    assert ids == tok.apply_chat_template(CHAT, tokenize=True, return_dict=True)["input_ids"]
