@@ -13,7 +13,7 @@ import logging
 import sys
 
 # Subcommand modules, in the order `desktune --help` lists them.
-SUBCOMMAND_MODULES: tuple[str, ...] = ("doctor", "train", "merge", "export")
+SUBCOMMAND_MODULES: tuple[str, ...] = ("doctor", "train", "merge", "export", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
