@@ -50,6 +50,7 @@ def _glu_backward_kernel(
     DH, G, U,  # G and U are overwritten in place with dg and du
     n_elements,
     ACT: tl.constexpr,
+    STORE_H: tl.constexpr,  # also overwrite DH with h = act(g) * u (the fused LoRA MLP needs it)
     BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -72,6 +73,8 @@ def _glu_backward_kernel(
         da = cdf + g * 0.3989422804014327 * tl.exp(-0.5 * g * g)
     tl.store(G + offs, (dh * u * da).to(G.dtype.element_ty), mask=mask)
     tl.store(U + offs, (dh * a).to(U.dtype.element_ty), mask=mask)
+    if STORE_H:
+        tl.store(DH + offs, (a * u).to(DH.dtype.element_ty), mask=mask)
 
 
 def _block(n_elements: int) -> int:
@@ -102,14 +105,20 @@ def glu_forward(gate: torch.Tensor, up: torch.Tensor, activation: str = "silu") 
     return h
 
 
-def glu_backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: str = "silu"):
-    """Returns (dgate, dup), written into gate's and up's storage (both must be contiguous)."""
-    if not (gate.is_contiguous() and up.is_contiguous()):
-        raise ValueError("glu_backward writes into gate and up in place: pass contiguous tensors")
+def glu_backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: str = "silu",
+                 store_h: bool = False):
+    """Returns (dgate, dup), written into gate's and up's storage (both must be contiguous).
+
+    store_h: also overwrite dh (then it must be contiguous) with the forward output h.
+    """
+    if not (gate.is_contiguous() and up.is_contiguous()) or (store_h and not dh.is_contiguous()):
+        raise ValueError("glu_backward writes its outputs in place: pass contiguous tensors")
     dh = _flat(dh)
     n = gate.numel()
     block = _block(n)
-    _glu_backward_kernel[(cdiv(n, block),)](dh, gate, up, n, ACT=_activation(activation), BLOCK=block)
+    _glu_backward_kernel[(cdiv(n, block),)](
+        dh, gate, up, n, ACT=_activation(activation), STORE_H=store_h, BLOCK=block
+    )
     return gate, up
 
 
