@@ -64,13 +64,19 @@ def add_lora(model: nn.Module, settings: LoraSettings, default_targets: tuple[st
     targets = settings.target_modules or default_targets
     if not isinstance(targets, str):
         targets = list(targets)
+    target_parameters = None
+    split = getattr(model, "_desktune_split_lora_targets", None)  # set by models.registry.patch
+    if split is not None and not isinstance(targets, str):
+        # MoE expert stacks are 3-D parameters: PEFT adapts them through target_parameters
+        targets, target_parameters = split(targets)
     _check_targets(model, targets)
     layers = settings.layers_to_transform
     config = LoraConfig(
         r=settings.r,
         lora_alpha=settings.lora_alpha,
         lora_dropout=settings.lora_dropout,
-        target_modules=targets,
+        target_modules=targets or None,
+        target_parameters=target_parameters or None,
         bias=settings.bias,
         use_rslora=settings.use_rslora,
         modules_to_save=list(settings.modules_to_save) if settings.modules_to_save else None,
@@ -83,5 +89,8 @@ def add_lora(model: nn.Module, settings: LoraSettings, default_targets: tuple[st
     # Adapter init draws from the global RNG: seed it so random_state reproduces.
     torch.manual_seed(settings.random_state)
     peft_model = get_peft_model(model, config)
+    after_lora = getattr(model, "_desktune_after_lora", None)
+    if after_lora is not None:
+        after_lora(peft_model)
     apply_gradient_checkpointing(peft_model.get_base_model(), settings.use_gradient_checkpointing)
     return peft_model

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
+
 ALL_LINEAR_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -27,3 +29,12 @@ class FamilySpec:
     final_logit_softcapping_attr: str | None = None
     # LoRA targets when the user passes none
     default_target_modules: tuple[str, ...] = ALL_LINEAR_PROJECTIONS
+    # (resolved name, config, dtype, load_in_4bit, load_in_8bit, device_map, token) -> model, replacing
+    # AutoModelForCausalLM.from_pretrained for families that quantise while loading (gpt-oss)
+    load_model: Callable | None = None
+    # model -> {fast path: count}: family-specific per-instance patches, run by registry.patch
+    patch_instance: Callable | None = None
+    # target names -> (target_modules, target_parameters) for LoRA on non-Linear parameters (MoE experts)
+    split_lora_targets: Callable | None = None
+    # peft model -> count: rebinds PEFT wrappers after get_peft_model
+    after_lora: Callable | None = None

@@ -113,16 +113,19 @@ def load(request: LoadRequest):
     family = registry.family_for(config, fallback=request.fallback_to_transformers)
     check_gpu()
     dtype = pick_dtype(request.dtype)
-    quant = quantization_config(load_in_4bit, load_in_8bit, dtype)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            resolved,
-            dtype=dtype,
-            quantization_config=quant,
-            device_map=request.device_map if request.device_map is not None else default_device_map(),
-            token=request.token,
-            trust_remote_code=request.trust_remote_code,
-        )
+        if family is not None and family.load_model is not None:  # quantises while loading (gpt-oss)
+            model = family.load_model(resolved, config, dtype, load_in_4bit, load_in_8bit, request.device_map,
+                                      request.token)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                resolved,
+                dtype=dtype,
+                quantization_config=quantization_config(load_in_4bit, load_in_8bit, dtype),
+                device_map=request.device_map if request.device_map is not None else default_device_map(),
+                token=request.token,
+                trust_remote_code=request.trust_remote_code,
+            )
     except torch.OutOfMemoryError as exc:
         raise GPUOutOfMemoryError(
             f"the GPU ran out of memory loading {request.model_name!r}. Load it in 4-bit (load_in_4bit=True), "

@@ -15,11 +15,12 @@ from desktune.log import logger
 from desktune.models import patches
 from desktune.models.family import ALL_LINEAR_PROJECTIONS, FamilySpec
 from desktune.models.gemma import GEMMA2, GEMMA3
+from desktune.models.gpt_oss import GPT_OSS
 from desktune.models.llama import LLAMA
 from desktune.models.mistral import MISTRAL
 from desktune.models.qwen import QWEN2, QWEN3
 
-FAMILIES: tuple[FamilySpec, ...] = (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA2, GEMMA3)
+FAMILIES: tuple[FamilySpec, ...] = (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA2, GEMMA3, GPT_OSS)
 
 _BY_MODEL_TYPE = {model_type: family for family in FAMILIES for model_type in family.model_types}
 
@@ -83,7 +84,12 @@ def patch(model: nn.Module, family: FamilySpec, max_seq_length: int) -> dict[str
         counts["fused_loss"] = 1
         patches.check_sequence_length(model.model, lambda: model.max_seq_length)
         counts["sequence_check"] = 1
-    if counts["gated_mlp"] == 0:
+    if family.patch_instance is not None:
+        counts.update(family.patch_instance(model))
+    # read by lora.peft_setup (which cannot import models/) when adapters are added
+    model._desktune_split_lora_targets = family.split_lora_targets
+    model._desktune_after_lora = family.after_lora
+    if counts["gated_mlp"] == 0 and family.patch_instance is None:
         logger.info("MLP activation %r has no fused path; the MLPs keep transformers' forward", activation)
     model._desktune_patches = counts
     logger.debug("desktune patched %s: %s", type(model).__name__, counts)
