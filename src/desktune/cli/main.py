@@ -13,7 +13,7 @@ import logging
 import sys
 
 # Subcommand modules, in the order `desktune --help` lists them.
-SUBCOMMAND_MODULES: tuple[str, ...] = ("doctor", "train", "merge", "export", "bench")
+SUBCOMMAND_MODULES: tuple[str, ...] = ("doctor", "train", "merge", "export", "bench", "plan")
 
 
 def build_parser() -> argparse.ArgumentParser:
