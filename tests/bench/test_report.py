@@ -106,3 +106,20 @@ def test_files_json_csv_png(tmp_path):
     cells = list(csv.DictReader((tmp_path / "context.csv").open()))
     assert cells[1]["shortest_failed"] == "33792" and cells[3]["status"] == "skipped"
     assert (tmp_path / "context.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_planner_estimate_and_error_beside_desktune_cells():
+    from desktune.bench.runner import GIB as RUNNER_GIB, _add_planner
+    from desktune.bench.shapes import build_config
+    from desktune.memory.planner import max_context
+
+    report = fake_report()
+    config = build_config("llama-3.1-8b")
+    _add_planner(report, config, None)
+    cells = report["context"]["cells"]
+    expected = max_context(config, 16 * RUNNER_GIB, lora_rank=16)
+    assert cells[0]["planner_estimate"] == expected
+    assert cells[0]["planner_error"] == pytest.approx(expected / 52000 - 1)
+    assert "planner_estimate" not in cells[1]  # Unsloth's cell
+    text = report_mod.format_text(report_mod.add_summary(report))
+    assert f"52,000 (planner {expected:,}, {100 * (expected / 52000 - 1):+.0f}%)" in text

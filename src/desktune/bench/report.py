@@ -122,7 +122,9 @@ def format_text(report: dict) -> str:
                     cell = next(c for c in cells if c["rank"] == rank and c["budget_gib"] == budget and c["contender"] == n)
                     text = cell_text(cell)
                     if cell.get("planner_estimate"):
-                        text += f" (planner {cell['planner_estimate']:,})"
+                        error = cell.get("planner_error")
+                        text += f" (planner {cell['planner_estimate']:,}" + (f", {100 * error:+.0f}%)" if error is not None
+                                                                             else ")")
                     row.append(text)
                 body.append(row)
             lines += ["", f"r={rank}"] + _table(["budget"] + [labels[n] for n in names], body)
@@ -164,7 +166,7 @@ def _context_title(ctx: dict) -> str:
 THROUGHPUT_COLUMNS = ("contender", "label", "status", "tokens_per_s", "median_step_s", "peak_allocated_bytes",
                       "peak_reserved_bytes", "loss0", "loss0_delta", "fraction_of_ceiling", "reason")
 CONTEXT_COLUMNS = ("contender", "label", "rank", "budget_gib", "status", "longest_ok", "shortest_failed", "converged",
-                   "probes", "stopped", "failure", "reason", "planner_estimate", "seconds")
+                   "probes", "stopped", "failure", "reason", "planner_estimate", "planner_error", "seconds")
 
 
 def _write_csv(path: Path, columns, rows) -> None:

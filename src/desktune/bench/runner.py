@@ -348,3 +348,5 @@ def _add_planner(report: dict, config, ctx: ContextSettings) -> None:
     for cell in report["context"]["cells"]:
         if cell["contender"] == "desktune" and cell.get("status") == "ok":
             cell["planner_estimate"] = int(estimate(config, int(cell["budget_gib"] * GIB), lora_rank=cell["rank"]))
+            if cell.get("longest_ok"):
+                cell["planner_error"] = cell["planner_estimate"] / cell["longest_ok"] - 1
