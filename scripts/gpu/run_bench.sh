@@ -13,7 +13,7 @@
 # context.png and logs.tar.gz (every worker's log and job). A cell the time limit cut short is
 # reported as the bracket it reached ("a..b" or ">= a"), never as a number it did not measure.
 set -uo pipefail
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/../.." || exit 1
 PHASE=${1:-all}
 BUDGETS=${2:-16,32}
 LIMIT=${3:-520}
@@ -30,10 +30,10 @@ python3 -c "import torch, transformers, peft, bitsandbytes; print('torch', torch
 
 RESULTS=/tmp/bench-run
 COMMON=(--model llama-3.1-8b --cache-dir /tmp/desktune-bench-cache --out "$RESULTS" --time-limit "$LIMIT"
-        --context --ranks 16 --budgets "$BUDGETS" --context-contenders desktune,unsloth,transformers --plot)
+        --context --ranks 16 --budgets "$BUDGETS" --context-contenders "desktune,unsloth,transformers" --plot)
 case "$PHASE" in
-  all) ARGS=(--contenders desktune,transformers,liger,unsloth --cell-time 130 "${COMMON[@]}") ;;
-  context) ARGS=(--contenders desktune,unsloth,transformers --no-throughput --cell-time 170 "${COMMON[@]}") ;;
+  all) ARGS=(--contenders "desktune,transformers,liger,unsloth" --cell-time 130 "${COMMON[@]}") ;;
+  context) ARGS=(--contenders "desktune,unsloth,transformers" --no-throughput --cell-time 170 "${COMMON[@]}") ;;
   *) echo "PHASE must be 'all' or 'context', got '$PHASE'"; exit 2 ;;
 esac
 echo "+ desktune bench ${ARGS[*]}"
