@@ -292,9 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     job = json.loads(Path(args.job).read_text())
     out = Results(args.result)
-    if args.contender == "unsloth":
-        import unsloth  # noqa: F401 - must come before transformers / peft so its patches apply
     try:
+        if args.contender == "unsloth":
+            import unsloth  # noqa: F401 - must come before transformers / peft so its patches apply
         mode = job["mode"]
         if mode == "build":
             run_build(job, out)
