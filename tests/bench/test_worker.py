@@ -81,3 +81,15 @@ def test_a_probe_without_a_result_counts_as_timeout_or_crash(timed_out, outcome)
     probes = probes_of(WorkerRun(records, -9, timed_out, Path("w.log"), 5.0))
     assert [(p.length, p.outcome) for p in probes] == [(1024, search.OK), (2048, outcome)]
     assert "w.log" in probes[1].message
+
+
+def test_worker_imports_nothing_that_unsloth_must_precede():
+    """Unsloth patches transformers / peft / trl only if it is imported first: the worker module must not."""
+    import subprocess
+    import sys
+
+    code = ("import sys, desktune.bench.worker, desktune.bench.contenders, desktune.bench.search; "
+            "print(sorted(m for m in ('transformers', 'peft', 'trl', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
