@@ -40,3 +40,17 @@ def test_missing_config_file(caplog, tmp_path):
     with caplog.at_level(logging.ERROR, logger="desktune"):
         assert main(["train", str(tmp_path / "nope.yaml")]) == 1
     assert "no such config file" in caplog.text
+
+
+def test_ctrl_c_names_the_checkpoint_to_resume_from(monkeypatch, caplog, tmp_path):
+    import desktune.train.runner as runner
+
+    def interrupted(config, resume=False):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "run", interrupted)
+    (tmp_path / "run" / "checkpoint-40").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoint-20").mkdir()
+    with caplog.at_level(logging.ERROR, logger="desktune"):
+        assert main(["train", "data.path=x.jsonl", f"output.dir={tmp_path / 'run'}"]) == 130
+    assert "checkpoint-40" in caplog.text and "--resume" in caplog.text

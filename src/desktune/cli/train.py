@@ -66,6 +66,13 @@ def main(args) -> int:
     except DesktuneError as err:
         logger.error("%s", err)
         return 1
+    except KeyboardInterrupt:
+        from desktune.train.checkpoints import last_checkpoint
+
+        last = last_checkpoint(config.output.dir)
+        where = f"the last checkpoint is {last}" if last else "no checkpoint was written yet"
+        logger.error("interrupted: %s; continue with the same command and --resume", where)
+        return 130
     last = f", last loss {result.losses[-1][1]:.4f}" if result.losses else ""
     print(f"trained {result.global_step} steps{last}; run folder: {result.output_dir}")
     if result.final_dir:

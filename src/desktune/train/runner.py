@@ -73,7 +73,7 @@ def load_model(config: TrainConfig):
     return model, tokenizer
 
 
-def sft_arguments(config: TrainConfig, **extra):
+def sft_arguments(config: TrainConfig):
     """TRL SFTConfig for the run (checkpoints into output.dir, our progress bar, no stock tqdm)."""
     import torch
     from trl import SFTConfig
@@ -111,7 +111,6 @@ def sft_arguments(config: TrainConfig, **extra):
         report_to="none",  # TensorBoard is added as a callback with an explicit folder
         include_num_input_tokens_seen="non_padding",
         dataset_num_proc=None,
-        **extra,
     )
 
 
@@ -183,7 +182,6 @@ def run(config: TrainConfig, resume: bool | str | Path = False) -> TrainResult:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(dump_config(config))
 
-    trainer = build_trainer(config)
     t = config.training
     with reraise_oom(
         batch_size=t.per_device_train_batch_size,
@@ -192,6 +190,7 @@ def run(config: TrainConfig, resume: bool | str | Path = False) -> TrainResult:
         gradient_checkpointing=config.lora.gradient_checkpointing,
         load_in_4bit=config.quantization.load_in_4bit,
     ):
+        trainer = build_trainer(config)
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
 
     final = None

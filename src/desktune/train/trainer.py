@@ -53,7 +53,7 @@ def oom_message(batch_size: int, grad_accum: int, max_seq_length: int, gradient_
             f"training.gradient_accumulation_steps={grad_accum * 2} (same effective batch)"
         )
     hints.append(f"model.max_seq_length={max(256, max_seq_length // 2)} (longer rows are then reported as over-long)")
-    if gradient_checkpointing in (False, None, "false", "False"):
+    if not gradient_checkpointing:
         hints.append('lora.gradient_checkpointing=unsloth (recomputes activations instead of keeping them)')
     if not load_in_4bit:
         hints.append("quantization.load_in_4bit=true (4-bit base weights)")
