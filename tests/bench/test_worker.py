@@ -93,3 +93,18 @@ def test_worker_imports_nothing_that_unsloth_must_precede():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_set_max_seq_length_reaches_every_module_that_keeps_one():
+    from torch import nn
+
+    from desktune.bench.contenders import set_max_seq_length
+
+    # Unsloth's layout: the length kept on the wrapper and on inner modules, where it truncates inputs.
+    inner = nn.Linear(2, 2)
+    inner.max_seq_length = 1024
+    outer = nn.Sequential(inner, nn.ReLU())
+    outer.max_seq_length = 1024
+    set_max_seq_length(outer, 4096)
+    assert outer.max_seq_length == 4096 and inner.max_seq_length == 4096
+    assert not hasattr(outer[1], "max_seq_length")

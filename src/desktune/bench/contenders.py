@@ -178,12 +178,11 @@ def unavailable_reason(name: str, cuda: bool) -> str | None:
 
 
 def set_max_seq_length(model, length: int) -> None:
-    """Tell a loaded model the context it now trains at (desktune and Unsloth check batches against it)."""
-    for obj in (model, getattr(model, "base_model", None), _inner(model)):
-        if obj is not None and hasattr(obj, "max_seq_length"):
-            obj.max_seq_length = length
+    """Tell a loaded model the context it now trains at, on every module that keeps one.
 
-
-def _inner(model):
-    getter = getattr(model, "get_base_model", None)
-    return getter() if getter else None
+    desktune refuses a longer batch; Unsloth silently truncates it to the max_seq_length of
+    each module it set at load, which would make a probe measure a shorter sequence.
+    """
+    for module in model.modules():
+        if "max_seq_length" in vars(module) or hasattr(module, "max_seq_length"):
+            module.max_seq_length = length
