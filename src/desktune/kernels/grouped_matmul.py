@@ -36,16 +36,37 @@ def can_use_grouped_mm(x: torch.Tensor, w: torch.Tensor) -> bool:
     )
 
 
+_REFUSED: set[str] = set()  # grouped_mm layouts this torch build refused: the loop handles them
+
+
+def _try_grouped_mm(kind: str, a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor) -> torch.Tensor | None:
+    if kind in _REFUSED:
+        return None
+    try:
+        return torch._grouped_mm(a, b, offs=ends)
+    except RuntimeError as exc:  # a layout constraint of this torch/GPU: fall back, loudly, once
+        from desktune.log import logger
+
+        logger.warning("torch._grouped_mm refused the %s product (%s); using the per-expert loop", kind, exc)
+        _REFUSED.add(kind)
+        return None
+
+
 def _grouped_forward(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
     if can_use_grouped_mm(x, w):
-        return torch._grouped_mm(x, w, offs=ends)
+        kind = "row-major weight" if w.stride(-1) == 1 else "transposed weight"
+        out = _try_grouped_mm(kind, x, w, ends)
+        if out is not None:
+            return out
     return grouped_matmul_reference(x, w, counts)
 
 
 def _grouped_weight_grad(x: torch.Tensor, dy: torch.Tensor, ends: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
     if can_use_grouped_mm(x, dy) and x.shape[0] % 8 == 0:
         # K-grouped form: [K, N] x [N, M] with groups along N gives [G, K, M].
-        return torch._grouped_mm(x.t(), dy, offs=ends)
+        out = _try_grouped_mm("weight gradient", x.t(), dy, ends)
+        if out is not None:
+            return out
     dw = x.new_zeros((len(counts), x.shape[1], dy.shape[1]))
     start = 0
     for g, n in enumerate(counts):

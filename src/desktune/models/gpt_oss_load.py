@@ -72,8 +72,14 @@ def _to_linear4bit(linear: nn.Linear, compute_dtype: torch.dtype) -> nn.Module:
     )
 
 
-def build_skeleton(config, dtype: torch.dtype, load_in_4bit: bool, device: torch.device):
-    """GptOssForCausalLM on meta, with GroupedExperts (allocated on `device`) and Linear4bit attention."""
+def build_skeleton(config, dtype: torch.dtype, load_in_4bit: bool, device: torch.device,
+                   quantize_attention: bool | None = None):
+    """GptOssForCausalLM on meta, with GroupedExperts (allocated on `device`) and Linear4bit attention.
+
+    quantize_attention defaults to load_in_4bit; False keeps the attention projections 16-bit
+    (for machines without bitsandbytes: the experts' NF4 needs only desktune's kernels).
+    """
+    quantize_attention = load_in_4bit if quantize_attention is None else quantize_attention
     from transformers import GptOssForCausalLM
     from transformers.models.gpt_oss.modeling_gpt_oss import GptOssRotaryEmbedding
 
@@ -86,7 +92,7 @@ def build_skeleton(config, dtype: torch.dtype, load_in_4bit: bool, device: torch
     model.to(dtype)
     for layer in model.model.layers:
         layer.mlp.experts = GroupedExperts(config, load_in_4bit, dtype, device)
-        if load_in_4bit:
+        if quantize_attention:
             for name in ATTENTION_PROJECTIONS:
                 setattr(layer.self_attn, name, _to_linear4bit(getattr(layer.self_attn, name), dtype))
     with torch.device(device):
@@ -155,6 +161,48 @@ def load_weights(model: nn.Module, folder: Path, dtype: torch.dtype, device: tor
     if missing:
         raise ModelPathError(f"the checkpoint in {str(folder)!r} lacks {len(missing)} tensors the config needs, e.g. "
                              f"{missing[:5]}: the folder is incomplete or belongs to another model")
+
+
+@torch.no_grad()
+def random_gpt_oss(config, dtype: torch.dtype, load_in_4bit: bool, device, seed: int = 0,
+                   quantize_attention: bool | None = None):
+    """A random-weight gpt-oss of `config`'s shape, built tensor by tensor like a checkpoint load.
+
+    For benchmarks and GPU tests of the real sizes with nothing downloaded: each tensor is drawn
+    on `device` (normal, std = initializer_range; sinks and biases small) and quantised at once.
+    """
+    device = torch.device(device)
+    model = build_skeleton(config, dtype, load_in_4bit, device, quantize_attention)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    std = config.initializer_range
+
+    def draw(shape, scale=std):
+        return torch.randn(shape, generator=generator, device=device, dtype=torch.float32).mul_(scale).to(dtype)
+
+    for module_name, module in model.named_modules():
+        if isinstance(module, GroupedExperts):
+            for stack in ("gate_up_proj", "down_proj"):
+                for e in range(module.num_experts):
+                    module.load_expert_(stack, e, draw(getattr(module, stack).shape[1:]))
+            for bias in ("gate_up_proj_bias", "down_proj_bias"):
+                module.load_weight_(bias, draw(getattr(module, bias).shape, 0.01))
+            continue
+        for name, param in list(module.named_parameters(recurse=False)):
+            if not param.is_meta:
+                continue
+            full = f"{module_name}.{name}"
+            if "norm" in full:
+                value = torch.ones(param.shape, device=device)
+            elif name == "sinks" or name == "bias":
+                value = draw(param.shape, 0.01 if name == "bias" else 1.0)
+            else:
+                value = draw(param.shape)
+            _place(model, full, value, dtype, device)
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.eval()
+    model._desktune_load_in_4bit = load_in_4bit
+    return model
 
 
 def load_gpt_oss(resolved: str, config, dtype: torch.dtype, load_in_4bit: bool, load_in_8bit: bool, device_map,
