@@ -12,8 +12,10 @@ Import the op from its module, e.g. `from desktune.kernels.rmsnorm import rmsnor
   nf4.py            dequantize_4bit(packed, quant_state), quantize_nf4(weight)
   nf4_matmul.py     nf4_matmul(a, packed, quant_state)        dequantise-into-GEMM
   qlora.py          qlora_linear(x, packed, quant_state, lora_A, lora_B, scaling, bias)
+  qlora_mlp.py      qlora_mlp(x, gate, up, down, activation)  three 4-bit LoRA projections
 
 The autograd Functions (RMSNormFunction, RoPEFunction, GLUFunction, ...) run the Triton
 code on any device: CPU tensors go through Triton's interpreter (see _triton.py), which
-is how the CPU tests exercise the kernels.
+is how the CPU tests exercise the kernels; tests/kernels/test_kernel_compile.py compiles
+each kernel for sm_90 and sm_120 with triton's bundled ptxas, no GPU needed.
 """

@@ -52,7 +52,8 @@ def _nf4_matmul_kernel(
         a = tl.load(A + rm[:, None].to(tl.int64) * a_stride_m + r[None, :],
                     mask=m_mask[:, None] & r_mask[None, :], other=0.0)
         w_mask = r_mask[:, None] & p_mask[None, :]
-        flat = rp[None, :].to(tl.int64) * w_stride_p + r[:, None].to(tl.int64) * w_stride_r  # [BLOCK_R, BLOCK_P]
+        # int32 indices: the launcher checks the weight has < 2^31 values; int64 here spills
+        flat = rp[None, :] * w_stride_p + r[:, None] * w_stride_r  # [BLOCK_R, BLOCK_P]
         packed = tl.load(Q + (flat >> 1), mask=w_mask, other=0).to(tl.int32)
         nibble = (packed >> ((1 - (flat & 1)) * 4).to(tl.int32)) & 15
         value = tl.load(CODE + nibble)
@@ -70,11 +71,12 @@ def _nf4_matmul_kernel(
 
 
 def _tiles(device: torch.device) -> dict:
-    # 128 x 128 x 64 with 8 warps / 3 stages is the usual bf16 GEMM sweet spot on
-    # Hopper/Blackwell-class parts (Triton's matmul tutorial); the interpreter runs numpy
-    # per program, where small tiles keep odd test shapes cheap.
+    # 128 x 128 output tiles, 8 warps, 3 stages: the usual bf16 GEMM choice; the reduction
+    # step is 32 because dequantising a 64 x 128 W tile in registers made ptxas spill
+    # (255 registers + 240 bytes of stack for sm_90) and 32 does not. The interpreter runs
+    # numpy per program, where small tiles keep odd test shapes cheap.
     if device.type == "cuda":
-        return {"BLOCK_M": 128, "BLOCK_P": 128, "BLOCK_R": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+        return {"BLOCK_M": 128, "BLOCK_P": 128, "BLOCK_R": 32, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
     return {"BLOCK_M": 32, "BLOCK_P": 32, "BLOCK_R": 32, "GROUP_M": 4}
 
 
@@ -91,6 +93,8 @@ def nf4_matmul(a: torch.Tensor, packed: torch.Tensor, quant_state, transpose_wei
     p, r = (out_features, in_features) if transpose_weight else (in_features, out_features)
     if a.shape[1] != r:
         raise ValueError(f"a has {a.shape[1]} columns, the 4-bit weight {tuple(quant_state.shape)} needs {r}")
+    if out_features * in_features >= 2**31:
+        raise ValueError(f"nf4_matmul indexes the weight with int32; {tuple(quant_state.shape)} is too large")
     stride_p, stride_r = (in_features, 1) if transpose_weight else (1, in_features)
     device = a.device
     packed = packed.reshape(-1).view(torch.uint8) if packed.dtype != torch.uint8 else packed.reshape(-1)
