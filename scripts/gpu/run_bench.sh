@@ -5,7 +5,7 @@
 #   bash ../shared/tools/peer-wheels/make_wheels.sh .peer-wheels
 # Then the device tool: run(command="bash scripts/gpu/run_bench.sh [PHASE] [BUDGETS] [LIMIT_S]",
 #                           carry=[".peer-wheels"], timeout_s=600)
-#   PHASE all (default): the throughput table of the 4 contenders (Llama-3.1-8B shape, QLoRA r=16,
+#   PHASE all (default): the throughput table of the 4 contenders (desktune, Unsloth, baseline, Liger) (Llama-3.1-8B shape, QLoRA r=16,
 #         batch 4 x 2048), then context cells (r=16; desktune, Unsloth, transformers) for BUDGETS
 #         (GiB, default 16,32) in that order, as many as fit in LIMIT_S (default 520 s).
 #   PHASE context: only the context cells, for BUDGETS (e.g. 32,8,24).
@@ -32,7 +32,7 @@ RESULTS=/tmp/bench-run
 COMMON=(--model llama-3.1-8b --cache-dir /tmp/desktune-bench-cache --out "$RESULTS" --time-limit "$LIMIT"
         --context --ranks 16 --budgets "$BUDGETS" --context-contenders "desktune,unsloth,transformers" --plot)
 case "$PHASE" in
-  all) ARGS=(--contenders "desktune,transformers,liger,unsloth" --cell-time 130 "${COMMON[@]}") ;;
+  all) ARGS=(--contenders "desktune,unsloth,transformers,liger" --cell-time 130 "${COMMON[@]}") ;;
   context) ARGS=(--contenders "desktune,unsloth,transformers" --no-throughput --cell-time 170 "${COMMON[@]}") ;;
   *) echo "PHASE must be 'all' or 'context', got '$PHASE'"; exit 2 ;;
 esac
