@@ -137,8 +137,8 @@ class OffloadedCheckpoint:
         if saved.back is not None:
             return
         stream = self._side_stream(saved.device)
-        if stream is None:
-            saved.back = saved.host  # CPU tensors: the host copy is the device copy
+        if stream is None:  # CPU tensors: the host copy is the device copy; other devices: a plain copy
+            saved.back = saved.host if saved.device.type == "cpu" else saved.host.to(saved.device)
             return
         current = torch.cuda.current_stream(saved.device)
         back = torch.empty(saved.host.shape, dtype=saved.host.dtype, device=saved.device)
