@@ -5,10 +5,12 @@
 #   bash ../shared/tools/peer-wheels/make_wheels.sh .peer-wheels
 # Then the device tool: run(command="bash scripts/gpu/run_bench.sh [PHASE] [BUDGETS] [LIMIT_S]",
 #                           carry=[".peer-wheels"], timeout_s=600)
-#   PHASE all (default): the throughput table of the 4 contenders (desktune, Unsloth, baseline, Liger) (Llama-3.1-8B shape, QLoRA r=16,
-#         batch 4 x 2048), then context cells (r=16; desktune, Unsloth, transformers) for BUDGETS
-#         (GiB, default 16,32) in that order, as many as fit in LIMIT_S (default 520 s).
+#   PHASE all (default): the throughput table of the 4 contenders (desktune, Unsloth, baseline,
+#         Liger; Llama-3.1-8B shape, QLoRA r=16, batch 4 x 2048), then context cells (r=16;
+#         desktune, Unsloth, baseline) for BUDGETS (GiB, default 16,32) in that order, as many
+#         as fit in LIMIT_S (default 520 s).
 #   PHASE context: only the context cells, for BUDGETS (e.g. 32,8,24).
+#   PHASE smoke: the bench's GPU tests (tiny model, every contender, a 2 GiB context search; ~2 min).
 # What comes back in $OUT: bench.txt (the printed tables), bench.json, throughput.csv, context.csv,
 # context.png and logs.tar.gz (every worker's log and job). A cell the time limit cut short is
 # reported as the bracket it reached ("a..b" or ">= a"), never as a number it did not measure.
@@ -28,13 +30,18 @@ export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, peft, bitsandbytes; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'bnb', bitsandbytes.__version__)"
 
+if [ "$PHASE" = smoke ]; then
+  python3 -m pytest tests/bench/test_bench_gpu.py -v -p no:cacheprovider 2>&1 | tee "$OUT/bench.txt"
+  exit "${PIPESTATUS[0]}"
+fi
+
 RESULTS=/tmp/bench-run
 COMMON=(--model llama-3.1-8b --cache-dir /tmp/desktune-bench-cache --out "$RESULTS" --time-limit "$LIMIT"
         --context --ranks 16 --budgets "$BUDGETS" --context-contenders "desktune,unsloth,transformers" --plot)
 case "$PHASE" in
   all) ARGS=(--contenders "desktune,unsloth,transformers,liger" --cell-time 130 "${COMMON[@]}") ;;
   context) ARGS=(--contenders "desktune,unsloth,transformers" --no-throughput --cell-time 170 "${COMMON[@]}") ;;
-  *) echo "PHASE must be 'all' or 'context', got '$PHASE'"; exit 2 ;;
+  *) echo "PHASE must be 'all', 'context' or 'smoke', got '$PHASE'"; exit 2 ;;
 esac
 echo "+ desktune bench ${ARGS[*]}"
 python3 -m desktune.cli.main bench "${ARGS[@]}" 2>&1 | tee "$OUT/bench.txt"
