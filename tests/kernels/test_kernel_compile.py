@@ -67,10 +67,7 @@ def _record(monkeypatch, call):
         return lambda *args, **kwargs: launches.append((self, args, kwargs))
 
     monkeypatch.setattr(_triton.Kernel, "__getitem__", getitem)
-    try:
-        call()
-    except Exception:
-        pass  # outputs of unrun kernels are garbage; only the launches matter
+    call()  # the kernels do not run: outputs are uninitialised, only the launches matter
     return launches
 
 

@@ -131,3 +131,29 @@ def test_rope_gpu_real_size():
 
     for g, w in zip(_run(public, q0, k0, cos, sin, dq, dk), _run(reference, q0, k0, cos, sin, dq, dk)):
         assert_close(g, w)
+
+
+def test_rope_halved_cos_sin_is_gpt_oss_apply_rotary_pos_emb():
+    from transformers.models.gpt_oss.modeling_gpt_oss import apply_rotary_pos_emb as gpt_oss_rope
+
+    q0, k0 = _qk(2, 4, 2, 9, 16, torch.float32, seed=5)
+    cos, sin = _cos_sin(_PACKED, 16, torch.float32)
+    cos_half, sin_half = cos[..., :8], sin[..., :8]  # what GptOssRotaryEmbedding returns
+    q, k = q0.detach().transpose(1, 2), k0.detach().transpose(1, 2)
+    want_q, want_k = gpt_oss_rope(q, k, cos_half, sin_half)
+    ref_q, ref_k = apply_rope_reference(q, k, cos_half, sin_half, halved=True)
+    torch.testing.assert_close(ref_q, want_q)
+    torch.testing.assert_close(ref_k, want_k)
+    dq, dk = torch.randn(2, 4, 9, 16), torch.randn(2, 2, 9, 16)
+
+    def kernel(q0, k0, cos, sin):
+        q, k = (q0 * 1).transpose(1, 2), (k0 * 1).transpose(1, 2)
+        return RoPEFunction.apply(q, cos, sin, True), RoPEFunction.apply(k, cos, sin, True)
+
+    def reference(q0, k0, cos, sin):
+        return gpt_oss_rope(q0.transpose(1, 2), k0.transpose(1, 2), cos, sin)
+
+    got = _run(kernel, q0, k0, cos_half, sin_half, dq, dk)
+    want = _run(reference, q0, k0, cos_half, sin_half, dq, dk)
+    for g, w in zip(got, want):
+        assert_close(g, w)
