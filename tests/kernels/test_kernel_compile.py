@@ -21,6 +21,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from desktune.kernels import _triton  # noqa: E402
 from desktune.kernels import cross_entropy as cross_entropy_module  # noqa: E402
 from desktune.kernels import nf4_matmul as nf4_matmul_module  # noqa: E402
+from desktune.kernels.clamped_swiglu import clamped_swiglu_backward, clamped_swiglu_forward  # noqa: E402
 from desktune.kernels.cross_entropy import _chunk_loss_and_grad_triton  # noqa: E402
 from desktune.kernels.nf4 import dequantize_4bit, quantize_nf4  # noqa: E402
 from desktune.kernels.nf4_matmul import nf4_matmul  # noqa: E402
@@ -46,6 +47,8 @@ def _launches():
     yield "glu_forward", lambda: [glu_forward(g, u, act) for act in ("silu", "gelu_tanh", "gelu")]
     yield "glu_backward", lambda: [glu_backward(g.clone(), g.clone(), u.clone(), act, store_h)
                                    for act in ("silu", "gelu_tanh", "gelu") for store_h in (False, True)]
+    yield "clamped_swiglu", lambda: [clamped_swiglu_forward(g, 1.702, 7.0),
+                                     clamped_swiglu_backward(g[:, :65], g.clone(), 1.702, 7.0)]
     yield "rope", lambda: [rope_rotate_(q, cos, cos, backward) for backward in (False, True)]
     yield "cross_entropy", lambda: [_chunk_loss_and_grad_triton(logits, labels, divisor, -100, cap, grad)
                                     for cap in (None, 30.0) for grad in (False, True)]

@@ -8,6 +8,7 @@ Import the op from its module, e.g. `from desktune.kernels.rmsnorm import rmsnor
   rmsnorm.py        rmsnorm(x, weight, eps, offset)           Llama and Gemma (1 + w) forms
   rope.py           apply_rope(q, k, cos, sin)                in place, partial rotary
   swiglu.py         swiglu(gate, up), geglu(gate, up, approximate)   in-place backward
+  clamped_swiglu.py clamped_swiglu(gate_up, alpha, limit)     gpt-oss experts, in-place backward
   cross_entropy.py  fused_linear_cross_entropy(hidden, weight, labels, ...)   chunked
   nf4.py            dequantize_4bit(packed, quant_state), quantize_nf4(weight)
   nf4_matmul.py     nf4_matmul(a, packed, quant_state)        dequantise-into-GEMM
