@@ -23,6 +23,7 @@ model asks for them; no existing entry changes, so other models are unaffected.
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -41,14 +42,17 @@ def _varlen_attn():
     return varlen_attn
 
 
-def varlen_supported(device) -> bool:
-    """True where packed batches run on varlen flash attention (CUDA + torch's varlen_attn)."""
-    return torch.device(device).type == "cuda" and torch.cuda.is_available() and _varlen_attn() is not None
-
-
-def _varlen_params() -> set[str]:
+@functools.lru_cache(maxsize=1)
+def _varlen_params() -> frozenset[str]:
     fn = _varlen_attn()
-    return set(inspect.signature(fn).parameters) if fn is not None else set()
+    return frozenset(inspect.signature(fn).parameters) if fn is not None else frozenset()
+
+
+def varlen_supported(device) -> bool:
+    """True where packed batches run on varlen flash attention: CUDA and a torch
+    varlen_attn that can be causal (torch 2.10: is_causal; 2.11+: window_size)."""
+    causal = bool(_varlen_params() & {"window_size", "is_causal"})
+    return torch.device(device).type == "cuda" and causal and torch.cuda.is_available()
 
 
 def cu_seq_lens_from_position_ids(position_ids: torch.Tensor, batch: int) -> tuple[torch.Tensor, int]:
