@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 
+from desktune.kernels.clamped_swiglu import clamped_swiglu, clamped_swiglu_reference  # noqa: E402
 from desktune.kernels.cross_entropy import fused_linear_cross_entropy, fused_linear_cross_entropy_reference  # noqa: E402
 from desktune.kernels.nf4 import dequantize_4bit, dequantize_4bit_reference, quantize_nf4  # noqa: E402
 from desktune.kernels.qlora import qlora_linear, qlora_linear_reference  # noqa: E402
@@ -82,6 +83,19 @@ def case_glu(a, kind):
 
     return {"desktune": make(ours), "reference": make(ref), "compiled": make(torch.compile(ref)),
             "input copy only": make(lambda g, u: g + u)}, [g0, u0]
+
+
+def case_clamped_swiglu(a):
+    # gpt-oss-20b experts: tokens x top-4 rows, intermediate 2880 interleaved (gate, up)
+    gu0 = _leaf(a.tokens * 4, 2 * 2880, scale=4.0)
+    dy = torch.randn(a.tokens * 4, 2880, device=DEVICE, dtype=DT)
+
+    def make(op):
+        return lambda: op(gu0 * 1, 1.702, 7.0).backward(dy)
+
+    return {"desktune": make(clamped_swiglu), "reference": make(clamped_swiglu_reference),
+            "compiled": make(torch.compile(clamped_swiglu_reference)),
+            "input copy only": make(lambda t, *_: t[..., ::2] * 1)}, [gu0]
 
 
 def case_rope(a):
@@ -162,6 +176,7 @@ CASES = {
     "rmsnorm-gemma": ("RMSNorm (1+w) [T, H]", lambda a: case_rmsnorm(a, 1.0)),
     "swiglu": ("SwiGLU [T, I]", lambda a: case_glu(a, "silu")),
     "geglu": ("GeGLU tanh [T, I]", lambda a: case_glu(a, "gelu_tanh")),
+    "clamped-swiglu": ("gpt-oss SwiGLU [4T, 2x2880]", case_clamped_swiglu),
     "rope": ("RoPE q,k [B, H, L, 128]", case_rope),
     "ce": ("linear+CE [T, H] x [V, H]", case_ce),
     "dequant": ("NF4 dequant [I, H] (fwd only)", case_dequant),
