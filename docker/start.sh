@@ -109,6 +109,7 @@ main() {
     home=$(getent passwd "$user" | cut -d: -f6)
 
     install_login_secrets
+    install -d -m 0700 -o "$uid" -g "$gid" "$home/.jupyter"
     printf '%s' "$jupyter_password" | python3 "$lib/jupyter-config.py" \
         --out "$home/.jupyter/jupyter_server_config.json" --port "$jupyter_port" \
         --root-dir "$workspace" --owner "$uid:$gid"

@@ -133,4 +133,6 @@ def test_gather_on_a_real_gpu_runs_every_installed_kernel():
     ran = {p.name: p.ran for p in facts.probes if p.version is not None}
     assert ran["torch"] is True and ran["triton"] is True, facts.probes
     findings = diagnose(facts)
-    assert exit_code(facts, findings, require_gpu=True) == 0, doctor.format_report(facts, findings)
+    # The GPU machine may lack bitsandbytes / xformers: "not installed" is fine there, a failed kernel is not.
+    broken = [f for f in findings if f.level == "error" and "is not installed" not in f.message]
+    assert not broken, doctor.format_report(facts, findings)
