@@ -11,7 +11,7 @@ from memory_helpers import add_lora, tiny_llama, trainable_grads
 
 from desktune.errors import HostMemoryError
 from desktune.memory.checkpointing import apply_gradient_checkpointing
-from desktune.memory.offload import OffloadedCheckpoint
+from desktune.memory.offload import OffloadedCheckpoint, piece_sizes
 
 
 def _batch(seed=0, batch=2, seq=19):
@@ -75,7 +75,8 @@ def test_recompute_reads_the_host_copy():
     offload = OffloadedCheckpoint(num_layers=1)
     y = offload(lambda a: torch.tanh(layer(a)), x)
     (saved,) = [s for s in _saved_handles(offload)]
-    saved.host.mul_(0)
+    for piece in saved.pieces:
+        piece.zero_()
     y.sum().backward()
     expected_weight_grad = torch.zeros_like(layer.weight)  # d/dW of tanh(W*0 + b) is 0
     assert torch.equal(layer.weight.grad, expected_weight_grad)
@@ -136,3 +137,30 @@ def test_disable_removes_offload():
     assert all(not isinstance(layer._gradient_checkpointing_func, OffloadedCheckpoint) for layer in layers)
     apply_gradient_checkpointing(model, False)
     assert not any(layer.gradient_checkpointing for layer in layers)
+
+
+def test_piece_sizes_are_powers_of_two_that_cover_the_tensor():
+    mib = 1 << 20
+    assert piece_sizes(547 * mib) == [512 * mib, 32 * mib, 2 * mib, mib]
+    assert piece_sizes(3 * mib + 5) == [4 * mib]
+    assert piece_sizes(100, unit=8) == [64, 32, 8]
+    for n in (1, 7, 4096, 10**6 + 3):
+        sizes = piece_sizes(n, unit=16)
+        assert sum(sizes) >= n and sum(sizes) - n < 16
+        assert all(s & (s - 1) == 0 for s in sizes) and len(set(sizes)) == len(sizes)
+
+
+def test_tensor_split_over_many_pieces_comes_back_exactly():
+    """Small pieces (16 bytes) split every layer input; the step still equals plain."""
+    base = add_lora(tiny_llama(layers=2))
+    plain, offl = base, copy.deepcopy(base)
+    apply_gradient_checkpointing(plain.get_base_model(), True)
+    apply_gradient_checkpointing(offl.get_base_model(), "offload")
+    offload = offl.get_base_model()._desktune_offload
+    offload.piece_unit = 16
+    batch = [_batch(4, batch=1, seq=13)]  # 13 x 32 fp32 = 1664 bytes -> pieces of 1024 + 512 + 128
+    lp, gp = _loss_and_grads(plain, batch)
+    lo, go = _loss_and_grads(offl, batch)
+    assert torch.equal(lp[0], lo[0])
+    for name in gp:
+        assert torch.equal(gp[name], go[name]), name

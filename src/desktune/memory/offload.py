@@ -7,8 +7,8 @@ context that is the largest activation term (Llama-3.1-8B: 32 layers x 8 KiB =
 saved-tensor hooks that see exactly those inputs (the recompute-only tensors inside
 the layer go through checkpoint's own, inner hooks):
 
-- pack (forward): the input is copied into pinned host memory on a side CUDA
-  stream, overlapping the next layer's compute; the GPU block is released to the
+- pack (forward): the input is copied into pinned host memory (power-of-two
+  pieces, see `piece_sizes`) on a side CUDA stream, overlapping the next layer's compute; the GPU block is released to the
   caching allocator (`record_stream` keeps it from reuse until the copy is done).
 - unpack (backward, when layer L's recompute starts): wait for layer L's input to
   be back on the GPU, then start copying layer L-1's input on the side stream, so
@@ -32,6 +32,8 @@ from torch.utils.checkpoint import checkpoint
 
 from desktune.memory.host import check_host_memory, host_memory
 
+PIECE_UNIT = 1 << 20  # host pieces are power-of-two multiples of 1 MiB
+
 
 @dataclass
 class OffloadStats:
@@ -45,18 +47,41 @@ class OffloadStats:
 
 
 class _Saved:
-    """One offloaded tensor: its host copy and, once fetched, the device copy."""
+    """One offloaded tensor: its host pieces and, once fetched, the device copy."""
 
-    __slots__ = ("seq", "host", "device", "d2h_done", "back", "h2d_done", "prev", "__weakref__")
+    __slots__ = ("seq", "pieces", "shape", "dtype", "nbytes", "device", "d2h_done", "back", "h2d_done", "prev",
+                 "__weakref__")
 
-    def __init__(self, seq: int, host: torch.Tensor, device: torch.device, d2h_done, prev):
+    def __init__(self, seq: int, tensor: torch.Tensor, pieces: list[torch.Tensor], d2h_done, prev):
         self.seq = seq
-        self.host = host
-        self.device = device
+        self.pieces = pieces  # uint8 host tensors holding the bytes in order
+        self.shape, self.dtype, self.device = tensor.shape, tensor.dtype, tensor.device
+        self.nbytes = tensor.numel() * tensor.element_size()
         self.d2h_done = d2h_done  # CUDA event after the device-to-host copy (None on CPU)
         self.back: torch.Tensor | None = None  # the device copy while prefetched
         self.h2d_done = None
         self.prev = prev  # weakref to the tensor packed before this one
+
+
+def piece_sizes(nbytes: int, unit: int = PIECE_UNIT) -> list[int]:
+    """Power-of-two sizes (multiples of `unit`) that add up to nbytes rounded up to `unit`.
+
+    torch's pinned-memory cache rounds every request up to a power of two (up to 2x
+    the RAM for one tensor); pieces that already are powers of two waste at most
+    `unit` per tensor, and the cache reuses them step after step.
+    """
+    units = -(-nbytes // unit)
+    return [unit << bit for bit in range(units.bit_length() - 1, -1, -1) if units >> bit & 1]
+
+
+def _byte_spans(pieces: list[torch.Tensor], nbytes: int):
+    start = 0
+    for piece in pieces:
+        length = min(piece.numel(), nbytes - start)
+        if length <= 0:
+            return
+        yield piece, start, length
+        start += length
 
 
 class OffloadedCheckpoint:
@@ -68,7 +93,8 @@ class OffloadedCheckpoint:
     that check.
     """
 
-    def __init__(self, num_layers: int, checkpoint_kwargs: dict | None = None, memory_probe=host_memory):
+    def __init__(self, num_layers: int, checkpoint_kwargs: dict | None = None, memory_probe=host_memory,
+                 piece_unit: int = PIECE_UNIT):
         self.num_layers = max(1, int(num_layers))
         self.checkpoint_kwargs = {"use_reentrant": False, **(checkpoint_kwargs or {})}
         if self.checkpoint_kwargs["use_reentrant"]:
@@ -79,6 +105,7 @@ class OffloadedCheckpoint:
         self._seq = 0
         self._verified_bytes = 0  # per-step host bytes already checked against free RAM
         self._memory_probe = memory_probe  # () -> (available, total) bytes, or None
+        self.piece_unit = piece_unit
 
     def __call__(self, function, *args, **kwargs):
         with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
@@ -94,7 +121,7 @@ class OffloadedCheckpoint:
         return stream
 
     def _check_host(self, tensor: torch.Tensor) -> None:
-        per_step = tensor.numel() * tensor.element_size() * self.num_layers
+        per_step = sum(piece_sizes(tensor.numel() * tensor.element_size(), self.piece_unit)) * self.num_layers
         if per_step > self._verified_bytes:
             # Host memory this process already holds from earlier steps is reused by
             # torch's pinned-memory cache; only the growth has to fit.
@@ -113,18 +140,22 @@ class OffloadedCheckpoint:
             return tensor  # weights persist anyway; empty markers cost nothing
         self._check_host(tensor)
         stream = self._side_stream(tensor.device)
+        data = tensor.detach().contiguous().view(-1).view(torch.uint8)
+        pinned = stream is not None
+        pieces = [torch.empty(size, dtype=torch.uint8, device="cpu", pin_memory=pinned)
+                  for size in piece_sizes(data.numel(), self.piece_unit)]
+        event = None
         if stream is None:
-            host = torch.empty_like(tensor, device="cpu")
-            host.copy_(tensor.detach())
-            event = None
+            for piece, start, length in _byte_spans(pieces, data.numel()):
+                piece[:length].copy_(data[start:start + length])
         else:
-            host = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=True)
             stream.wait_stream(torch.cuda.current_stream(tensor.device))
             with torch.cuda.stream(stream):
-                host.copy_(tensor.detach(), non_blocking=True)
+                for piece, start, length in _byte_spans(pieces, data.numel()):
+                    piece[:length].copy_(data[start:start + length], non_blocking=True)
                 event = stream.record_event()
-            tensor.record_stream(stream)  # the allocator must not reuse the block before the copy ends
-        saved = _Saved(self._seq, host, tensor.device, event, self._last)
+            data.record_stream(stream)  # the allocator must not reuse the block before the copy ends
+        saved = _Saved(self._seq, tensor, pieces, event, self._last)
         self._seq += 1
         self._last = weakref.ref(saved)
         self.stats.packed += 1
@@ -137,17 +168,18 @@ class OffloadedCheckpoint:
         if saved.back is not None:
             return
         stream = self._side_stream(saved.device)
-        if stream is None:  # CPU tensors: the host copy is the device copy; other devices: a plain copy
-            saved.back = saved.host if saved.device.type == "cpu" else saved.host.to(saved.device)
-            return
-        current = torch.cuda.current_stream(saved.device)
-        back = torch.empty(saved.host.shape, dtype=saved.host.dtype, device=saved.device)
-        stream.wait_stream(current)  # `back` may reuse a block the compute stream still reads
-        with torch.cuda.stream(stream):
-            stream.wait_event(saved.d2h_done)
-            back.copy_(saved.host, non_blocking=True)
-            saved.h2d_done = stream.record_event()
-        saved.back = back
+        back = torch.empty(saved.nbytes, dtype=torch.uint8, device=saved.device)
+        if stream is None:  # CPU (and devices without streams): plain copies
+            for piece, start, length in _byte_spans(saved.pieces, saved.nbytes):
+                back[start:start + length].copy_(piece[:length])
+        else:
+            stream.wait_stream(torch.cuda.current_stream(saved.device))  # `back` may reuse a block still being read
+            with torch.cuda.stream(stream):
+                stream.wait_event(saved.d2h_done)
+                for piece, start, length in _byte_spans(saved.pieces, saved.nbytes):
+                    back[start:start + length].copy_(piece[:length], non_blocking=True)
+                saved.h2d_done = stream.record_event()
+        saved.back = back.view(saved.dtype).view(saved.shape)
 
     def _unpack(self, saved):
         if not isinstance(saved, _Saved):
