@@ -118,3 +118,18 @@ def test_fused_ce_gpu_llama_vocab_memory_and_values():
     ref.backward()
     torch.testing.assert_close(loss, ref, atol=1e-3, rtol=1e-4)
     assert_close(hg.grad, hr.grad)
+
+
+@pytest.mark.parametrize("use_kernel", [True, False], ids=["triton", "torch"])
+def test_fused_ce_under_autocast_computes_like_lm_head_does(use_kernel):
+    h, w, y = _problem(21, 16, 90, torch.float32, seed=5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = _loss_and_grads(fused_linear_cross_entropy, h, w, y, chunk_size=8, use_kernel=use_kernel)
+        want = _loss_and_grads(fused_linear_cross_entropy_reference, h, w, y)
+    assert got[1].dtype == got[2].dtype == torch.float32  # grads of the float32 leaves
+    torch.testing.assert_close(got[0], want[0], atol=1e-4, rtol=1e-4)  # same bf16 logits
+    assert_close(got[1], want[1], torch.bfloat16)
+    assert_close(got[2], want[2], torch.bfloat16)
+    # and without autocast a bf16 hidden meets a float32 head in the head's dtype
+    loss = fused_linear_cross_entropy(h.to(torch.bfloat16), w, y, use_kernel=use_kernel)
+    torch.testing.assert_close(loss, fused_linear_cross_entropy_reference(h.to(torch.bfloat16).float(), w, y))

@@ -198,9 +198,17 @@ def fused_linear_cross_entropy(
         raise ValueError(f"hidden has {hidden.shape[0]} tokens but labels has {labels.shape[0]}")
     if use_kernel is None:
         use_kernel = use_triton(hidden, weight)
-    return _FusedLinearCrossEntropy.apply(
-        hidden, weight, labels, ignore_index, softcap, num_items_in_batch, chunk_size, use_kernel
-    )
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        # What `lm_head(hidden)` does under autocast: the matmul in the autocast dtype.
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+    elif hidden.dtype != weight.dtype:
+        hidden = hidden.to(weight.dtype)
+    with torch.autocast(device_type, enabled=False):  # the chunk GEMMs write into preset buffers
+        return _FusedLinearCrossEntropy.apply(
+            hidden, weight, labels, ignore_index, softcap, num_items_in_batch, chunk_size, use_kernel
+        )
 
 
 def fused_linear_cross_entropy_reference(
