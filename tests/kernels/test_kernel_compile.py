@@ -55,15 +55,18 @@ def _launches():
     quantized = [quantize_nf4(torch.randn(64, 128).to(dt), compress_statistics=nested)
                  for dt in (bf16, torch.float16) for nested in (True, False)]
     yield "dequantize_4bit", lambda: [dequantize_4bit(p, s) for p, s in quantized]
-    yield "nf4_matmul", lambda: [nf4_matmul(torch.randn(8, n).to(bf16), p, s, t)
-                                 for p, s in quantized[:2] for t, n in ((True, 128), (False, 64))]
+    yield "nf4_matmul", lambda: [nf4_matmul(torch.randn(8, n).to(bf16), p, s, t, aligned)
+                                 for p, s in quantized[:2] for t, n in ((True, 128), (False, 64))
+                                 for aligned in (True, False)]
 
 
 def _record(monkeypatch, call):
     launches = []
     cuda = torch.device("cuda")
     tiles, row_block = nf4_matmul_module._tiles, cross_entropy_module._row_block
+    aligned_tiles = nf4_matmul_module._aligned_tiles
     monkeypatch.setattr(nf4_matmul_module, "_tiles", lambda device: tiles(cuda))
+    monkeypatch.setattr(nf4_matmul_module, "_aligned_tiles", lambda device, *args: aligned_tiles(cuda, *args))
     monkeypatch.setattr(cross_entropy_module, "_row_block", lambda vocab, device: row_block(vocab, cuda))
 
     def getitem(self, grid):

@@ -19,21 +19,28 @@ def _quantized(out_f, in_f, dtype, nested=True, seed=0, device="cpu"):
     return quantize_nf4(weight, blocksize=64, compress_statistics=nested)
 
 
+@pytest.mark.parametrize("in_f,aligned", [(130, None), (128, None), (192, False)])  # per-value / aligned kernel
 @pytest.mark.parametrize("nested", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # bf16 tl.dot is wrong in the interpreter
-def test_nf4_matmul_both_orientations_match_dense(dtype, nested):
-    packed, state = _quantized(37, 130, dtype, nested)
+def test_nf4_matmul_both_orientations_match_dense(dtype, nested, in_f, aligned):
+    packed, state = _quantized(37, in_f, dtype, nested)
     dense = dequantize_4bit_reference(packed, state).float()
-    x = torch.randn(45, 130).to(dtype)
+    x = torch.randn(45, in_f).to(dtype)
     dy = torch.randn(45, 37).to(dtype)
-    y = nf4_matmul(x, packed, state)
-    dx = nf4_matmul(dy, packed, state, transpose_weight=False)
-    assert y.shape == (45, 37) and dx.shape == (45, 130) and y.dtype == dtype
-    # sums of 130 / 37 products: a few ulps of the result
+    y = nf4_matmul(x, packed, state, aligned=aligned)
+    dx = nf4_matmul(dy, packed, state, transpose_weight=False, aligned=aligned)
+    assert y.shape == (45, 37) and dx.shape == (45, in_f) and y.dtype == dtype
+    # sums of in_f / 37 products: a few ulps of the result
     assert_close(y, x.float() @ dense.t(), dtype, scale=4.0)
     assert_close(dx, dy.float() @ dense, dtype, scale=4.0)
     with pytest.raises(ValueError, match="columns"):
         nf4_matmul(dy, packed, state)
+
+
+def test_nf4_matmul_aligned_kernel_needs_whole_blocks():
+    packed, state = _quantized(8, 130, torch.float32)
+    with pytest.raises(ValueError, match="whole blocks"):
+        nf4_matmul(torch.randn(2, 130), packed, state, aligned=True)
 
 
 def _run(fn, x, packed, state, a, b, bias, dy):
