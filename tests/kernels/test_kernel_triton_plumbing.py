@@ -34,3 +34,25 @@ def test_kernel_picks_interpreter_for_cpu_tensors():
 
     assert isinstance(_glu_forward_kernel._for((torch.zeros(1),)), InterpretedFunction)
     assert _triton.use_triton(torch.zeros(1)) is False
+
+
+def test_empty_inputs_launch_nothing_and_give_empty_results():
+    from desktune.kernels.rmsnorm import RMSNormFunction
+    from desktune.kernels.swiglu import GLUFunction
+
+    x = torch.randn(0, 16, requires_grad=True)
+    w = torch.ones(16, requires_grad=True)
+    y = RMSNormFunction.apply(x, w, 1e-6, 0.0)
+    y.sum().backward()
+    assert y.shape == (0, 16) and x.grad.shape == (0, 16) and torch.equal(w.grad, torch.zeros(16))
+    assert GLUFunction.apply(torch.randn(0, 8), torch.randn(0, 8), "silu").shape == (0, 8)
+
+
+def test_without_triton_a_launch_says_what_to_install(monkeypatch):
+    from desktune.kernels import _triton
+    from desktune.kernels.swiglu import _glu_forward_kernel
+
+    monkeypatch.setattr(_triton, "HAS_TRITON", False)
+    with __import__("pytest").raises(RuntimeError, match="needs triton"):
+        _glu_forward_kernel[(1,)](torch.zeros(4), torch.zeros(4), torch.zeros(4), 4, ACT=0, BLOCK=4)
+    assert _triton.use_triton(torch.zeros(1)) is False

@@ -106,6 +106,8 @@ class Kernel:
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
+            if 0 in grid:  # empty input (e.g. no tokens): nothing to compute, and Triton rejects it
+                return None
             return self._for(args)[grid](*args, **kwargs)
 
         return launch
