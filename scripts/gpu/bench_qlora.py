@@ -5,7 +5,9 @@ For each Llama-3.1-8B projection shape (q, k, v, o, gate, up, down) and 8192 tok
 LoRA r=16, it times forward + backward (grads for x, A, B) of desktune's qlora_linear with
 matmul="dequant" and matmul="fused", the same LoRA layer on a bf16 weight (the 16-bit step
 the issue compares against), and the standalone dequantisation; medians of
-triton.testing.do_bench. The last column says which mode to keep for that shape.
+triton.testing.do_bench. The last column says which mode to keep for that shape. A last
+table times the whole MLP: qlora_mlp (one Function) against three qlora_linear calls around
+swiglu, and against the bf16 MLP, with the peak memory each adds.
 
     python scripts/gpu/bench_qlora.py [--tokens 8192] [--rank 16] [--device cpu]
 """
@@ -22,6 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 
 from desktune.kernels.nf4 import dequantize_4bit, dequantize_4bit_reference, quantize_nf4  # noqa: E402
 from desktune.kernels.qlora import qlora_linear  # noqa: E402
+from desktune.kernels.qlora_mlp import qlora_mlp  # noqa: E402
+from desktune.kernels.swiglu import swiglu  # noqa: E402
 
 # (name, out_features, in_features) of Llama-3.1-8B's projections
 SHAPES = [("q_proj", 4096, 4096), ("k_proj", 1024, 4096), ("v_proj", 1024, 4096), ("o_proj", 4096, 4096),
@@ -83,7 +87,54 @@ def main(argv=None) -> int:
         print(f"{proj:10} {f'{out_f}x{in_f}':>12} {t16:10.3f} {t_dq:9.3f} {t_fused:9.3f} {t_only:8.3f} "
               f"{gbs:6.0f} {best / t16:9.2f}  {keep}")
         del packed, state, dense, x, la, lb, dy
+    mlp_table(a, dev, dt)
     return 0
+
+
+def peak_mib(fn, device):
+    if device != "cuda":
+        return 0.0
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def mlp_table(a, dev, dt):
+    hidden, inter = 4096 // a.scale_shapes, 14336 // a.scale_shapes
+    torch.manual_seed(0)
+    projections, dense = [], []
+    for out_f, in_f in ((inter, hidden), (inter, hidden), (hidden, inter)):
+        packed, state = quantize_nf4((torch.randn(out_f, in_f, device=dev) * 0.02).to(dt))
+        la = (torch.randn(a.rank, in_f, device=dev) * 0.01).requires_grad_()
+        lb = (torch.randn(out_f, a.rank, device=dev) * 0.01).requires_grad_()
+        projections.append((packed, state, la, lb, 2.0))
+        dense.append(dequantize_4bit_reference(packed, state))
+    x = torch.randn(a.tokens, hidden, device=dev, dtype=dt, requires_grad=True)
+    dy = torch.randn(a.tokens, hidden, device=dev, dtype=dt)
+    grads = [x] + [t for p in projections for t in p[2:4]]
+
+    def lora16(z, i):
+        la, lb = projections[i][2], projections[i][3]
+        return z @ dense[i].t() + 2.0 * ((z @ la.to(dt).t()) @ lb.to(dt).t())
+
+    variants = {
+        "bf16 LoRA MLP": lambda: lora16(swiglu(lora16(x, 0), lora16(x, 1)), 2).backward(dy),
+        "3 x qlora_linear": lambda: qlora_linear(
+            swiglu(qlora_linear(x, *projections[0], matmul="dequant"), qlora_linear(x, *projections[1], matmul="dequant")),
+            *projections[2], matmul="dequant").backward(dy),
+        "qlora_mlp dequant": lambda: qlora_mlp(x, *projections, matmul="dequant").backward(dy),
+        "qlora_mlp fused": lambda: qlora_mlp(x, *projections, matmul="fused").backward(dy),
+    }
+    print(f"\n# Llama-3.1-8B MLP ({hidden} -> {inter} -> {hidden}), {a.tokens} tokens, fwd+bwd")
+    print(f"{'variant':20} {'median ms':>10} {'peak MiB':>9}")
+    for name, fn in variants.items():
+        ms = median_ms(fn, grads, dev)
+        print(f"{name:20} {ms:10.3f} {peak_mib(fn, dev):9.0f}")
+        for t in grads:
+            t.grad = None
 
 
 if __name__ == "__main__":
