@@ -10,7 +10,8 @@ Backward, with n = x * rstd (float32) and g = offset + w:
   dn = dy * g
   dx = rstd * (dn - n * mean(dn * n))
   dw = sum over rows of dy * n     (Llama uses cast_x(n), what forward multiplied by)
-Saved for backward: x and rstd (one float32 per row); n is recomputed.
+Saved for backward: x and rstd (one float32 per row), plus the weight parameter itself (no
+copy); n is recomputed.
 """
 
 from __future__ import annotations
