@@ -7,7 +7,7 @@ projections, batch 1. For each sequence length, alternating modes, it times full
 steps (forward, backward, AdamW) after warm-up and prints the median and the
 peak allocated memory; the target is offload <= 1.05 x plain at 2k tokens.
 
-    python scripts/gpu/offload_step_time.py [--seq 2048 16384] [--steps 8] [--layers 32] [--json OUT]
+    python scripts/gpu/offload_step_time.py [--seq 2048 16384] [--steps 5] [--layers 32] [--json OUT]
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from desktune.memory.tiled_mlp import TiledMLPConfig, set_tiled_mlp  # noqa: E40
 from desktune.models import patches  # noqa: E402
 
 
-def build(layers: int):
+def build(layers: int, device: str = "cuda"):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -39,7 +39,7 @@ def build(layers: int):
     torch.manual_seed(0)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
+    with torch.device(device):
         model = LlamaForCausalLM(config)
     torch.set_default_dtype(previous)
     for module in model.modules():
@@ -53,43 +53,52 @@ def build(layers: int):
     return model
 
 
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def time_steps(model, optimizer, ids, steps: int) -> tuple[float, int]:
     times = []
-    torch.cuda.reset_peak_memory_stats()
+    cuda = ids.is_cuda
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     for _ in range(steps):
-        torch.cuda.synchronize()
+        _sync()
         start = time.perf_counter()
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
+        _sync()
         times.append(time.perf_counter() - start)
-    return statistics.median(times), torch.cuda.max_memory_allocated()
+    return statistics.median(times), torch.cuda.max_memory_allocated() if cuda else 0
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq", type=int, nargs="+", default=[2048, 16384])
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--device", default="cuda", help="cpu only to smoke-test this script")
     args = parser.parse_args()
-    model = build(args.layers)
+    model = build(args.layers, args.device)
     base = model.get_base_model()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     rows = []
     modes = [("plain", True, None), ("offload", "unsloth", None),
              ("offload+tiled", "unsloth", TiledMLPConfig(min_tokens=1024))]
     for seq in args.seq:
-        ids = torch.randint(0, 128256, (1, seq), device="cuda")
+        ids = torch.randint(0, 128256, (1, seq), device=args.device)
         results = {}
-        for rnd in range(2):  # two alternating rounds; the second one counts
+        for warm_up in (True, False):  # a warm-up round (allocator, kernels, pinned cache), then the timed one
             for name, mode, tiling in modes:
                 apply_gradient_checkpointing(base, mode)
                 set_tiled_mlp(model, tiling)
-                time_steps(model, optimizer, ids, 2)  # warm-up (allocator, kernels, pinned cache)
-                results[name] = time_steps(model, optimizer, ids, args.steps)
+                timed = time_steps(model, optimizer, ids, 1 if warm_up else args.steps)
+                if not warm_up:
+                    results[name] = timed
         plain_s = results["plain"][0]
         for name, (seconds, peak) in results.items():
             row = {"seq": seq, "mode": name, "step_s": seconds, "tokens_per_s": seq / seconds,
@@ -97,7 +106,8 @@ def main() -> int:
             rows.append(row)
             print(f"seq {seq:>6}  {name:<14} step {seconds * 1000:8.1f} ms  {row['tokens_per_s']:9.0f} tok/s  "
                   f"x{row['vs_plain']:.3f} of plain  peak {row['peak_gib']:.2f} GiB", flush=True)
-    print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    gpu = torch.cuda.get_device_name() if args.device == "cuda" else args.device
+    print(f"device: {gpu}, torch {torch.__version__}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0

@@ -48,14 +48,19 @@ def padded(examples, pad_id=0):
     return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
 
 
-def run(model, batches, steps_warmup=2):
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def run(model, batches, device, steps_warmup=2):
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     tokens, losses = 0, []
     for i, batch in enumerate(batches):
-        if i == steps_warmup:
-            torch.cuda.synchronize()
+        if i == min(steps_warmup, len(batches) - 1):
+            _sync()
             start, tokens = time.perf_counter(), 0
-        batch = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+        batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
         loss = model(**batch).loss
         loss.backward()
         optimizer.step()
@@ -63,7 +68,7 @@ def run(model, batches, steps_warmup=2):
         losses.append(loss.item())
         mask = batch.get("attention_mask")
         tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()  # real tokens only
-    torch.cuda.synchronize()
+    _sync()
     return tokens / (time.perf_counter() - start), losses
 
 
@@ -73,12 +78,13 @@ def main() -> int:
     parser.add_argument("--batches", type=int, default=12)
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--json")
+    parser.add_argument("--device", default="cuda", help="cpu only to smoke-test this script")
     args = parser.parse_args()
     lengths = alpaca_like_lengths(args.batch * args.batches)
     g = torch.Generator().manual_seed(1)
     examples = [torch.randint(1, 128256, (n,), generator=g).tolist() for n in lengths]
     groups = [examples[i:i + args.batch] for i in range(0, len(examples), args.batch)]
-    model = build(args.layers)
+    model = build(args.layers, args.device)
     apply_gradient_checkpointing(model.get_base_model(), "unsloth")
     state = copy.deepcopy({k: v for k, v in model.state_dict().items() if "lora_" in k})
     results = {}
@@ -93,14 +99,15 @@ def main() -> int:
         if attn == attention.NAME and not attention.use_varlen_attention(base):
             print(f"{name}: skipped (no varlen attention on this torch)")
             continue
-        tps, losses = run(model, [make(grp) for grp in groups])
+        tps, losses = run(model, [make(grp) for grp in groups], args.device)
         results[name] = {"tokens_per_s": tps, "first_loss": losses[0]}
         print(f"{name:<14} {tps:10.0f} real tokens/s   first-batch loss {losses[0]:.5f}", flush=True)
     base_tps = results["padded"]["tokens_per_s"]
     for name, r in results.items():
         print(f"{name:<14} x{r['tokens_per_s'] / base_tps:.2f} of padded")
     pad_fraction = 1 - sum(lengths) / sum(len(g) * max(len(e) for e in g) for g in groups)
-    print(f"padding in padded batches: {pad_fraction:.0%}; GPU {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    gpu = torch.cuda.get_device_name() if args.device == "cuda" else args.device
+    print(f"padding in padded batches: {pad_fraction:.0%}; device {gpu}, torch {torch.__version__}")
     if args.json:
         Path(args.json).write_text(json.dumps({"results": results, "pad_fraction": pad_fraction}, indent=2))
     return 0
