@@ -50,7 +50,7 @@ def test_offload_equals_plain_checkpointing_lora(mode):
     # One saved input per layer per micro-batch, each brought back once, newest first.
     assert offload.stats.packed == 6
     assert offload.stats.bytes_offloaded == 6 * 2 * 19 * 32 * 4
-    assert offload.stats.unpack_order == [2, 1, 0, 5, 4, 3]
+    assert list(offload.stats.unpack_order) == [2, 1, 0, 5, 4, 3]
     # Every layer but the last one's input was already prefetched when its recompute began.
     assert offload.stats.sync_fetches == 2 and offload.stats.prefetch_hits == 4
 
@@ -100,7 +100,7 @@ def test_backward_twice_with_retain_graph_fetches_again():
     first = layer.weight.grad.clone()
     y.backward()
     torch.testing.assert_close(layer.weight.grad, 2 * first)
-    assert offload.stats.unpack_order == [0, 0]
+    assert list(offload.stats.unpack_order) == [0, 0]
 
 
 def test_parameters_and_markers_are_not_copied():

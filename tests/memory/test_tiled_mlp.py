@@ -105,3 +105,24 @@ def test_registry_patch_sets_default_tiling(tiny_model_dir):
     model, _ = FastLanguageModel.from_pretrained(tiny_model_dir("llama"), load_in_4bit=False, max_seq_length=64)
     tilings = [m._desktune_tiling for m in model.modules() if hasattr(m, "_desktune_tiling")]
     assert len(tilings) == 2 and all(t == TiledMLPConfig() for t in tilings)
+
+
+def test_dropout_masks_are_replayed_in_backward():
+    """A LoRA-style dropout inside the MLP: the backward recompute must draw the forward's masks."""
+    gate, up, down, _ = _mlp()
+    drop = torch.nn.Dropout(0.5)
+
+    def fn(x):
+        return down(torch.nn.functional.silu(gate(drop(x))) * up(x))
+
+    x = torch.randn(2, 11, 12, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 11, 12, dtype=torch.float64)
+    torch.manual_seed(7)
+    ref_out = torch.cat([fn(part) for part in x.reshape(-1, 12).chunk(3)]).view_as(x)  # same chunked draws
+    ref = torch.autograd.grad(ref_out, [x, gate.weight], g)
+    torch.manual_seed(7)
+    out = tiled_mlp(fn, x, 3, tuple(gate.parameters()))
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-12)
+    out.backward(g)
+    torch.testing.assert_close(x.grad, ref[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(gate.weight.grad, ref[1], rtol=1e-12, atol=1e-12)

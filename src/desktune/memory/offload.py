@@ -25,6 +25,7 @@ speed: every unpack makes sure its own tensor is on the device before returning.
 from __future__ import annotations
 
 import weakref
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -43,7 +44,8 @@ class OffloadStats:
     bytes_offloaded: int = 0
     prefetch_hits: int = 0  # unpacks whose tensor was already on its way back
     sync_fetches: int = 0  # unpacks that had to copy on the spot
-    unpack_order: list[int] = field(default_factory=list)  # pack sequence numbers, in unpack order
+    # pack sequence numbers in unpack order, the most recent ones only (bounded over long runs)
+    unpack_order: deque = field(default_factory=lambda: deque(maxlen=1024))
 
 
 class _Saved:

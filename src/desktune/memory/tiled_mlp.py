@@ -5,7 +5,8 @@ its backward: at Llama-3.1-8B's 14336-wide MLP that is 84 KiB per token, over 5x
 the hidden state. Rows of an MLP are independent, so:
 
 - forward: under no_grad, y[c] = mlp(x[c]) for each chunk c; only x is saved.
-- backward: for each chunk, recompute mlp(x[c]) with grad and backpropagate
+- backward: for each chunk, recompute mlp(x[c]) with grad (and the chunk's
+  forward RNG state, so dropout draws the same mask) and backpropagate
   grad_y[c] through it: grad_x[c] comes out, and the trainable weights' grads
   accumulate chunk by chunk (torch.autograd.backward adds into .grad).
 
@@ -46,6 +47,16 @@ def chunk_count(tokens: int, hidden: int, intermediate: int, config: TiledMLPCon
     return max(1, min(wanted, tokens))
 
 
+def _rng_state(device: torch.device):
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_state(device: torch.device, state) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
 class _TiledMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, mlp: Callable, x: torch.Tensor, chunks: int, *params: torch.Tensor):
@@ -53,8 +64,12 @@ class _TiledMLP(torch.autograd.Function):
         ctx.autocast = (torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type))
         ctx.save_for_backward(x)
         flat = x.reshape(-1, x.shape[-1])
+        ctx.rng = []  # each chunk's RNG state, so a LoRA dropout recomputes the same mask
+        outs = []
         with torch.no_grad():
-            outs = [mlp(part) for part in flat.chunk(chunks, dim=0)]
+            for part in flat.chunk(chunks, dim=0):
+                ctx.rng.append(_rng_state(x.device))
+                outs.append(mlp(part))
         return torch.cat(outs, dim=0).view(*x.shape[:-1], outs[0].shape[-1])
 
     @staticmethod
@@ -65,9 +80,13 @@ class _TiledMLP(torch.autograd.Function):
         grad_x = torch.empty_like(flat) if ctx.needs_input_grad[1] else None
         enabled, dtype = ctx.autocast
         start = 0
-        for part, grad_part in zip(flat.chunk(ctx.chunks, dim=0), grad_flat.chunk(ctx.chunks, dim=0)):
+        devices = [x.device] if x.device.type == "cuda" else []
+        chunks = zip(flat.chunk(ctx.chunks, dim=0), grad_flat.chunk(ctx.chunks, dim=0), ctx.rng)
+        for part, grad_part, rng in chunks:
             part = part.detach().requires_grad_(grad_x is not None)
-            with torch.enable_grad(), torch.autocast(x.device.type, dtype=dtype, enabled=enabled):
+            with torch.random.fork_rng(devices=devices), torch.enable_grad(), \
+                    torch.autocast(x.device.type, dtype=dtype, enabled=enabled):
+                _set_rng_state(x.device, rng)
                 out = ctx.mlp(part)
             if out.requires_grad:
                 torch.autograd.backward(out, grad_part)
