@@ -122,15 +122,17 @@ def test_trainer_datasets_carry_response_only_labels(tiny_model_dir, tmp_path):
     assert (batch["labels"] != -100).sum() < (batch["input_ids"] != tok.pad_token_id).sum() / 3
 
 
-def test_out_of_memory_says_what_to_lower():
-    from desktune.train.trainer import reraise_oom
+def test_out_of_memory_in_a_step_says_what_to_lower(tiny_model_dir, tmp_path):
+    from desktune.train.runner import build_trainer
 
+    trainer = build_trainer(_config(tiny_model_dir("llama"), tmp_path / "run", "training.per_device_train_batch_size=4"))
+
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    trainer.compute_loss = no_memory
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
     with pytest.raises(GPUOutOfMemoryError) as err:
-        with reraise_oom(
-            batch_size=4, grad_accum=2, max_seq_length=4096, gradient_checkpointing=False, load_in_4bit=False
-        ):
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-    message = str(err.value)
-    assert "per_device_train_batch_size=2" in message and "gradient_accumulation_steps=4" in message
-    assert "max_seq_length=2048" in message and "load_in_4bit=true" in message and "--resume" in message
+        trainer.training_step(trainer.model, batch)
+    assert "per_device_train_batch_size=2" in str(err.value) and "max_seq_length=" in str(err.value)
     assert isinstance(err.value.__cause__, torch.OutOfMemoryError)

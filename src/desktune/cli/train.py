@@ -40,7 +40,8 @@ def _resolve_config_path(name: str) -> Path:
 
 
 def main(args) -> int:
-    from desktune.errors import DesktuneError
+    from desktune.distributed import is_main_process, quiet_other_ranks
+    from desktune.errors import DesktuneError, GPUOutOfMemoryError
     from desktune.log import logger
     from desktune.train.config import dump_config, load_config, packaged_configs
 
@@ -55,6 +56,7 @@ def main(args) -> int:
     config_path, overrides = args.config, list(args.overrides)
     if "=" in config_path and not Path(config_path).exists():
         config_path, overrides = None, [args.config, *overrides]
+    quiet_other_ranks()
     try:
         config = load_config(_resolve_config_path(config_path) if config_path else None, overrides)
         if args.print_config:
@@ -65,6 +67,12 @@ def main(args) -> int:
         result = run(config, resume=args.resume_from or args.resume)
     except DesktuneError as err:
         logger.error("%s", err)
+        if isinstance(err, GPUOutOfMemoryError):
+            logger.error(
+                "in the config these are training.per_device_train_batch_size, "
+                "training.gradient_accumulation_steps, model.max_seq_length, lora.gradient_checkpointing, "
+                "quantization.load_in_4bit and lora.r; change one and continue with --resume"
+            )
         return 1
     except KeyboardInterrupt:
         from desktune.train.checkpoints import last_checkpoint
@@ -73,6 +81,8 @@ def main(args) -> int:
         where = f"the last checkpoint is {last}" if last else "no checkpoint was written yet"
         logger.error("interrupted: %s; continue with the same command and --resume", where)
         return 130
+    if not is_main_process():  # under torchrun / accelerate launch rank 0 reports for the job
+        return 0
     last = f", last loss {result.losses[-1][1]:.4f}" if result.losses else ""
     print(f"trained {result.global_step} steps{last}; run folder: {result.output_dir}")
     if result.final_dir:

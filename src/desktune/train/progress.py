@@ -45,6 +45,9 @@ class TrainingProgress(TrainerCallback):
         return tqdm
 
     def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:  # under torchrun only rank 0 draws and writes metrics
+            self.metrics_file = None
+            return
         self.bar = self._tqdm()(total=state.max_steps, initial=state.global_step, unit="step", dynamic_ncols=True)
         self._start_time = time.perf_counter()
         self._start_step = state.global_step

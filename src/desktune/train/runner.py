@@ -108,6 +108,7 @@ def sft_arguments(config: TrainConfig):
         packing=config.data.packing,
         bf16=bf16,
         fp16=on_gpu and not bf16 and not config.quantization.full_finetuning,
+        use_cpu=not on_gpu,  # without it, processes started by torchrun on a CPU would not form one job
         report_to="none",  # TensorBoard is added as a callback with an explicit folder
         include_num_input_tokens_seen="non_padding",
         dataset_num_proc=None,
@@ -118,6 +119,7 @@ def build_trainer(config: TrainConfig, model=None, tokenizer=None, dataset=None)
     """The DesktuneSFTTrainer for `config` (model/tokenizer/dataset are built when not given)."""
     from desktune.data.masking import train_on_responses_only
     from desktune.data.pipeline import prepare_dataset
+    from desktune.memory.oom import install_oom_advice
     from desktune.train.progress import TrainingProgress
     from desktune.train.trainer import DesktuneSFTTrainer
 
@@ -154,6 +156,7 @@ def build_trainer(config: TrainConfig, model=None, tokenizer=None, dataset=None)
         callbacks=callbacks,
     )
     TrainingProgress.attach(trainer, metrics_file=out / "metrics.jsonl")
+    install_oom_advice(trainer)  # an out-of-memory step says what to lower
     if config.template.train_on_responses_only and "messages" in dataset.column_names:
         train_on_responses_only(trainer, config.template.instruction_part, config.template.response_part)
     return trainer
@@ -161,13 +164,15 @@ def build_trainer(config: TrainConfig, model=None, tokenizer=None, dataset=None)
 
 def run(config: TrainConfig, resume: bool | str | Path = False) -> TrainResult:
     """Train as `config` says; `resume=True` continues from the run folder's last checkpoint."""
+    from desktune.distributed import is_main_process
     from desktune.errors import TrainConfigError
     from desktune.train import checkpoints
     from desktune.train.progress import loss_history
-    from desktune.train.trainer import reraise_oom
 
     out = Path(config.output.dir)
-    checkpoints.clean_staging(out)
+    main = is_main_process()  # under torchrun / accelerate launch only rank 0 writes to the run folder
+    if main:
+        checkpoints.clean_staging(out)
     resume_from = None
     if resume:
         resume_from = Path(resume) if not isinstance(resume, bool) else checkpoints.last_checkpoint(out)
@@ -180,23 +185,18 @@ def run(config: TrainConfig, resume: bool | str | Path = False) -> TrainResult:
             "output.dir (e.g. output.dir=outputs/run2)"
         )
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(dump_config(config))
+    if main:
+        (out / "config.yaml").write_text(dump_config(config))
 
-    t = config.training
-    with reraise_oom(
-        batch_size=t.per_device_train_batch_size,
-        grad_accum=t.gradient_accumulation_steps,
-        max_seq_length=config.model.max_seq_length,
-        gradient_checkpointing=config.lora.gradient_checkpointing,
-        load_in_4bit=config.quantization.load_in_4bit,
-    ):
-        trainer = build_trainer(config)
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    trainer = build_trainer(config)
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
 
     final = None
     if config.output.save_adapter and trainer.state.global_step >= trainer.state.max_steps:
         final = out / "final"
-        trainer.model.save_pretrained(str(final))
-        trainer.processing_class.save_pretrained(str(final))
+        if trainer.is_world_process_zero():
+            trainer.model.save_pretrained(str(final))
+            trainer.processing_class.save_pretrained(str(final))
+        trainer.accelerator.wait_for_everyone()  # every process returns once final/ is complete
         logger.info("saved the trained %s to %s", "model" if config.quantization.full_finetuning else "adapter", final)
     return TrainResult(out, final, trainer.state.global_step, loss_history(trainer), resume_from)
