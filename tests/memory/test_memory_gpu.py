@@ -29,6 +29,8 @@ def _model(layers=8, hidden=1024, intermediate=3584, vocab=32000, tiled=None):
     for module in model.modules():
         if type(module).__name__ == "LlamaMLP":
             patches.patch_gated_mlp(module, "silu", tiled)
+    # desktune's fused loss: without it the [tokens, vocab] logits, not the layers, set the peak
+    patches.patch_causal_lm_loss(model, None)
     return add_lora(model, r=16)
 
 
