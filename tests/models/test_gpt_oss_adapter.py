@@ -56,3 +56,26 @@ def test_adapter_reloads_in_plain_transformers_and_peft(gpt_oss_dir, tmp_path):
             without = plain(input_ids=ids).logits
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
     assert (theirs - without).abs().max() > 1e-2  # the adapter changes the output: the check has teeth
+
+
+def test_merged_model_loads_in_plain_transformers_with_the_expert_deltas(gpt_oss_dir, tmp_path):
+    from transformers import GptOssForCausalLM
+
+    model, tokenizer = FastLanguageModel.from_pretrained(gpt_oss_dir, max_seq_length=64, load_in_4bit=True)
+    peft_model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.2)
+    ids = _batch(2)
+    peft_model.train()  # bitsandbytes' CPU eval repacking is avoided: logits come from the training path
+    with torch.no_grad():
+        ours = peft_model(input_ids=ids).logits
+    peft_model.save_pretrained_merged(str(tmp_path / "merged"), tokenizer)
+    merged = GptOssForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32).eval()
+    experts = merged.model.layers[0].mlp.experts
+    assert experts.gate_up_proj.abs().max() > 0  # the dequantised stack, not the NF4 placeholder
+    with torch.no_grad():
+        theirs = merged(input_ids=ids).logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-3, atol=1e-3)

@@ -35,7 +35,7 @@ def _merged_tensor(base_model: nn.Module, key: str, adapters: list[str]) -> torc
     if _is_lora_layer(module):
         inner = module.get_base_layer()
         if attr != "weight":
-            return getattr(inner, attr).detach()
+            return _merged_parameter(module, inner, attr, adapters)
         weight = dequantize_linear_weight(inner) if is_quantized_linear(inner) else inner.weight.detach()
         weight = weight.float()
         for name in adapters:
@@ -45,6 +45,21 @@ def _merged_tensor(base_model: nn.Module, key: str, adapters: list[str]) -> torc
     if attr == "weight" and is_quantized_linear(module):
         return dequantize_linear_weight(module)
     return getattr(module, attr).detach()
+
+
+def _merged_parameter(module: nn.Module, inner: nn.Module, attr: str, adapters: list[str]) -> torch.Tensor:
+    """A tensor other than `weight` under a LoRA layer, e.g. an MoE expert stack that PEFT adapts
+    through (possibly nested) ParamWrappers (`target_parameters`): base value plus their deltas."""
+    dense = getattr(inner, "dense_weight", None)  # modules storing the tensor quantised (gpt-oss NF4 experts)
+    value = dense(attr) if dense is not None else getattr(inner, attr).detach()
+    wrapper = module
+    while _is_lora_layer(wrapper):
+        if getattr(wrapper, "parameter_name", None) == attr:
+            for name in adapters:
+                if name in wrapper.lora_A:
+                    value = value.float() + wrapper.get_delta_weight(name).float()
+        wrapper = wrapper.base_layer
+    return value
 
 
 def merged_state_dict(peft_model, dtype: torch.dtype) -> tuple[nn.Module, dict[str, torch.Tensor]]:

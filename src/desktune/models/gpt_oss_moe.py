@@ -177,6 +177,13 @@ class GroupedExperts(nn.Module):
             raise ValueError(f"{name} has shape {tuple(target.shape)}, the checkpoint gives {tuple(value.shape)}")
         target.copy_(value)
 
+    @torch.no_grad()
+    def dense_weight(self, name: str) -> torch.Tensor:
+        """The 16/32-bit value of parameter `name` (expert stacks dequantised when NF4), for merging."""
+        if self.quantized and name in ("gate_up_proj", "down_proj"):
+            return getattr(self, f"{name}_nf4").dequantize(0, self.num_experts)
+        return getattr(self, name).detach()
+
     def _product(self, name: str, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         if self.quantized:
             stack = getattr(self, f"{name}_nf4")
