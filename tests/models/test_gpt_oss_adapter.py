@@ -79,3 +79,16 @@ def test_merged_model_loads_in_plain_transformers_with_the_expert_deltas(gpt_oss
     with torch.no_grad():
         theirs = merged(input_ids=ids).logits
     torch.testing.assert_close(theirs, ours, rtol=1e-3, atol=1e-3)
+
+
+def test_merge_without_expert_adapters_still_writes_the_dequantised_experts(gpt_oss_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    model, tokenizer = FastLanguageModel.from_pretrained(gpt_oss_dir, max_seq_length=64, load_in_4bit=True)
+    peft_model = FastLanguageModel.get_peft_model(model, r=4, target_modules=["q_proj", "v_proj"])
+    peft_model.save_pretrained_merged(str(tmp_path / "merged"), tokenizer)
+    merged = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    original = load_file(f"{gpt_oss_dir}/model.safetensors")
+    name = "model.layers.1.mlp.experts.down_proj"
+    error = (merged[name].float() - original[name]).norm() / original[name].norm()
+    assert error < 0.12  # NF4 round trip of the original stack, not zeros

@@ -44,7 +44,8 @@ def _merged_tensor(base_model: nn.Module, key: str, adapters: list[str]) -> torc
         return weight
     if attr == "weight" and is_quantized_linear(module):
         return dequantize_linear_weight(module)
-    return getattr(module, attr).detach()
+    dense = getattr(module, "dense_weight", None)  # modules storing tensors quantised (gpt-oss NF4 experts)
+    return dense(attr) if dense is not None else getattr(module, attr).detach()
 
 
 def _merged_parameter(module: nn.Module, inner: nn.Module, attr: str, adapters: list[str]) -> torch.Tensor:

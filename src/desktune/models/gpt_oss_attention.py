@@ -98,10 +98,12 @@ def patch_attention(module: nn.Module) -> None:
 
     original = module.forward
 
-    def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None, **kwargs):
-        cache = cache if cache is not None else kwargs.pop("past_key_values", None)
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
+        # transformers >= 5.2x names the KV cache `cache`, earlier 5.x `past_key_values`
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if not self.training or cache is not None or attention_mask is not None:
-            return original(hidden_states, position_embeddings, attention_mask, cache=cache, **kwargs)
+            return original(hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask,
+                            **kwargs)
         batch, length = hidden_states.shape[:2]
         shape = (batch, length, -1, self.head_dim)
         q = self.q_proj(hidden_states).view(shape).transpose(1, 2)
