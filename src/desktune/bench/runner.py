@@ -247,7 +247,12 @@ class Runner:
             if run.first("skipped"):
                 skipped.append(run.first("skipped")["reason"])
                 return []
-            return probes_of(run)
+            probes = probes_of(run)
+            if not probes:
+                error = (run.first("error") or {}).get("message")
+                why = "time limit reached while loading" if run.timed_out else error or f"exit code {run.returncode}"
+                state.stopped = f"the worker ran no probe: {why} (log {run.log})"
+            return probes
 
         start = time.time()
         state = search.run_search(settings, run_process, deadline=cell_deadline)
