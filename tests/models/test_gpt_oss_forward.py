@@ -149,3 +149,17 @@ def test_flex_sink_attention_grads_match_reference_on_cuda(window):
     torch.testing.assert_close(out.float(), ref, rtol=3e-2, atol=3e-2)
     for got, want in zip(grads, ref_grads):
         assert torch.nn.functional.cosine_similarity(got.float().flatten(), want.flatten(), 0) > 0.99
+
+
+def test_packed_rows_are_left_to_transformers_masks(gpt_oss_dir):
+    ref, ours = _reference(gpt_oss_dir), _ours(gpt_oss_dir)
+    ids = _ids(4, batch=1)
+    positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5]])  # two documents in one row
+    calls = []
+    layer = ours.model.layers[1].self_attn
+    original = layer.forward
+    layer.forward = lambda *a, **k: calls.append(k.get("attention_mask")) or original(*a, **k)
+    with torch.no_grad():
+        theirs = ref(input_ids=ids, position_ids=positions).logits
+        torch.testing.assert_close(ours(input_ids=ids, position_ids=positions).logits, theirs, rtol=1e-4, atol=1e-4)
+    assert calls and calls[0] is not None  # transformers' mask reached the layer: the no-mask fast path was skipped

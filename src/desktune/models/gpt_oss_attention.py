@@ -129,7 +129,7 @@ def drop_training_masks(backbone: nn.Module) -> None:
 
     transformers accepts a per-layer-type dict of prepared masks; None there means plain
     causal (+ window), which is what the patched attention computes. Left padding or
-    packed rows keep the original mask and transformers' attention.
+    packed rows (position_ids that restart) keep the original mask and transformers' attention.
     """
 
     def hook(module, args, kwargs):
@@ -138,6 +138,9 @@ def drop_training_masks(backbone: nn.Module) -> None:
         mask = kwargs.get("attention_mask")
         if isinstance(mask, dict) or (mask is not None and (mask.dim() != 2 or not _right_padded_only(mask))):
             return None
+        positions = kwargs.get("position_ids")
+        if positions is not None and positions.shape[-1] > 1 and bool((positions[..., 1:] != positions[..., :-1] + 1).any()):
+            return None  # packed rows (positions restart): transformers builds the per-document mask
         kwargs["attention_mask"] = {"full_attention": None, "sliding_attention": None}
         kwargs["use_cache"] = False
         return args, kwargs
