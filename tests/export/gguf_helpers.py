@@ -1,7 +1,7 @@
-"""Tiny trained models for the GGUF tests: a byte-level BPE tokenizer trained in code and
-small models of each family trained for a few hundred steps on a short corpus, so their
-attention is sharp enough that a wrong q/k permutation or rope setting changes the logits
-(a random model barely notices)."""
+"""Tiny trained models for the GGUF tests: byte-level BPE and SentencePiece-style tokenizers
+built in code, and small models of each family trained for ~120 steps to copy the token
+COPY_OFFSET places back. Only relative positions solve that task, so the logits depend on
+the rope settings and the q/k row order (a random model barely notices either)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ CORPUS = [
     "we bake bread in the morning and eat soup at night.",
 ]
 PROMPT = "the quick brown fox"
+COPY_OFFSET = 3
 LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
@@ -70,25 +71,43 @@ def make_config(model_type: str, vocab_size: int, hidden: int):
     if model_type in ("gemma2", "gemma3_text"):
         common.update(head_dim=hidden // heads, query_pre_attn_scalar=hidden // heads, tie_word_embeddings=True,
                       hidden_activation="gelu_pytorch_tanh")
+    if model_type == "gpt_oss":
+        common.update(head_dim=hidden // heads, num_local_experts=4, num_experts_per_tok=2, intermediate_size=hidden,
+                      sliding_window=8)  # a window shorter than the prompt, so it matters
     if model_type == "gemma3_text":
         common["num_hidden_layers"] = 6  # one full-attention layer after five sliding ones
     return AutoConfig.for_model(model_type, **common)
 
 
-def train_tiny(model, tokenizer, steps: int, seed: int = 0):
+def copy_ids(tokenizer) -> list[int]:
+    """Ordinary (non-special) token ids the corpus uses: the alphabet of the training task."""
+    special = set(tokenizer.all_special_ids)
+    return sorted({i for text in CORPUS for i in tokenizer(text)["input_ids"]} - special)
+
+
+def prompt_ids(tokenizer, length: int = 14, seed: int = 123) -> list[int]:
     import torch
 
-    torch.manual_seed(seed)
-    rows = [tokenizer(t)["input_ids"] for t in CORPUS]
-    width = max(map(len, rows))
-    pad = tokenizer.pad_token_id
-    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
-    labels = ids.masked_fill(ids == pad, -100)
+    alphabet = torch.tensor(copy_ids(tokenizer))
+    pick = torch.randint(len(alphabet), (length,), generator=torch.Generator().manual_seed(seed))
+    return [tokenizer.bos_token_id] + alphabet[pick].tolist()
+
+
+def train_tiny(model, tokenizer, steps: int, seed: int = 0) -> float:
+    """Teach the model to repeat the token COPY_OFFSET places back in random sequences: a task
+    only relative positions solve, so the logits depend on the rope (and q/k row order)."""
+    import torch
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(seed)
+    alphabet = torch.tensor(copy_ids(tokenizer))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     loss = torch.tensor(float("nan"))
     model.train()
     for _ in range(steps):
-        loss = model(input_ids=ids, labels=labels).loss
+        x = alphabet[torch.randint(len(alphabet), (16, 24), generator=gen)]
+        logits = model(input_ids=x).logits
+        loss = F.cross_entropy(logits[:, COPY_OFFSET:].flatten(0, 1), x[:, :-COPY_OFFSET].flatten())
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -96,12 +115,13 @@ def train_tiny(model, tokenizer, steps: int, seed: int = 0):
     return float(loss.detach())
 
 
-def build_model_folder(folder: Path, model_type: str, hidden: int = 64, steps: int = 200) -> Path:
+def build_model_folder(folder: Path, model_type: str, hidden: int = 64, steps: int = 120,
+                       tokenizer: str = "bpe") -> Path:
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    tok = make_tokenizer()
+    tok = make_spm_tokenizer() if tokenizer == "spm" else make_tokenizer()
     config = make_config(model_type, vocab_size=len(tok), hidden=hidden)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     loss = train_tiny(model, tok, steps)
@@ -109,3 +129,33 @@ def build_model_folder(folder: Path, model_type: str, hidden: int = 64, steps: i
     tok.save_pretrained(folder)
     (folder / "train_loss.json").write_text(json.dumps({"loss": loss}))
     return folder
+
+
+def make_spm_tokenizer():
+    """A Gemma-style tokenizer: BPE with byte fallback over "▁"-joined text (SentencePiece
+    layout in tokenizer.json, no tokenizer.model), <bos> added on encode."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    trainer_tok = Tokenizer(models.BPE())
+    trainer_tok.normalizer = normalizers.Replace(" ", "▁")
+    trainer_tok.train_from_iterator(CORPUS * 4, trainer=trainers.BpeTrainer(vocab_size=300, show_progress=False))
+    trained = json.loads(trainer_tok.to_str())["model"]
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+    vocab = {t: i for i, t in enumerate(specials + [f"<0x{b:02X}>" for b in range(256)])}
+    for text in sorted(trained["vocab"], key=trained["vocab"].get):
+        vocab.setdefault(text, len(vocab))
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok.add_special_tokens(specials)
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A $B:1",
+                                                       special_tokens=[("<bos>", vocab["<bos>"])])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<end_of_turn>",
+                                   pad_token="<pad>", unk_token="<unk>")
+    fast.chat_template = (
+        "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}"
+        "\n{{ m['content'] }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+    )
+    return fast

@@ -5,6 +5,7 @@ tokenizer and chat template."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from desktune.export.gguf import convert_hf_to_gguf
 
 gguf = pytest.importorskip("gguf")
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "gpt_oss"]
 
 
 def _read(path):
@@ -47,6 +48,28 @@ def _as_hf(name, data, config, family):
     return data
 
 
+def test_gpt_oss_experts_are_split_and_transposed(trained_folder):
+    """HF fuses gate/up in alternating columns of [E, hidden, 2*ff] (x @ W); llama.cpp wants
+    ffn_gate_exps/ffn_up_exps as [E, ff, hidden] and ffn_down_exps as [E, hidden, ff]."""
+    folder = trained_folder("gpt_oss", steps=0)
+    reader, tensors = _read(convert_hf_to_gguf(folder, folder / "m.F32.gguf", "f32"))
+    state = _hf_state(folder)
+    gate_up = state["model.layers.0.mlp.experts.gate_up_proj"]
+    n_exp, hidden, two_ff = gate_up.shape
+    gate = np.asarray(tensors["blk.0.ffn_gate_exps.weight"].data).reshape(n_exp, two_ff // 2, hidden)
+    up = np.asarray(tensors["blk.0.ffn_up_exps.weight"].data).reshape(n_exp, two_ff // 2, hidden)
+    np.testing.assert_array_equal(gate[1, 2], gate_up[1, :, 4])
+    np.testing.assert_array_equal(up[1, 2], gate_up[1, :, 5])
+    down = state["model.layers.0.mlp.experts.down_proj"]
+    got = np.asarray(tensors["blk.0.ffn_down_exps.weight"].data).reshape(n_exp, hidden, two_ff // 2)
+    np.testing.assert_array_equal(got[3, :, 1], down[3, 1, :])
+    bias = np.asarray(tensors["blk.0.ffn_up_exps.bias"].data).reshape(n_exp, two_ff // 2)
+    np.testing.assert_array_equal(bias, state["model.layers.0.mlp.experts.gate_up_proj_bias"][:, 1::2])
+    assert _field(reader, "gpt-oss.expert_count") == 4 and _field(reader, "gpt-oss.expert_used_count") == 2
+    assert _field(reader, "gpt-oss.rope.scaling.type") == "yarn"
+    assert tensors["blk.0.attn_sinks.weight"].tensor_type.name == "F32"
+
+
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_every_tensor_round_trips_in_f32(trained_folder, model_type):
     from transformers import AutoConfig
@@ -62,11 +85,13 @@ def test_every_tensor_round_trips_in_f32(trained_folder, model_type):
     for hf_name, hf in state.items():
         if config.tie_word_embeddings and hf_name == "lm_head.weight":
             continue
-        name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        t = tensors[name]
-        data = np.asarray(t.data, dtype=np.float32).reshape(hf.shape)
-        np.testing.assert_array_equal(_as_hf(name, data, config, family), hf, err_msg=name)
-        seen.add(name)
+        views = family.views(hf_name, hf.shape) if family.views else [gguf_arch.TensorView(hf_name, None, hf.shape)]
+        for view in views:
+            name = name_map.get_name(view.name, try_suffixes=(".weight", ".bias"))
+            data = np.asarray(tensors[name].data, dtype=np.float32).reshape(view.shape)
+            expected = gguf_arch.cut_view(view.part, hf, name.endswith(".bias"))
+            np.testing.assert_array_equal(_as_hf(name, data, config, family), expected, err_msg=name)
+            seen.add(name)
     extra = set(tensors) - seen
     assert extra == ({"rope_freqs.weight"} if model_type == "llama" else set())
     assert _field(reader, "general.architecture") == gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[family.arch]]
@@ -187,3 +212,62 @@ def test_errors_say_what_to_do(tmp_path, trained_folder, monkeypatch):
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)).save_pretrained(gpt2)
     with pytest.raises(UnsupportedModelError, match="supported: .*llama"):
         convert_hf_to_gguf(gpt2, tmp_path / "x.gguf", "f16")
+
+
+def test_sentencepiece_style_tokenizer(trained_folder):
+    """BPE with byte fallback (Gemma's layout) becomes llama.cpp's "llama" (SPM) vocab:
+    scores rank the merges, <0xXX> pieces are BYTE tokens, no space prefix is added."""
+    from transformers import AutoTokenizer
+
+    folder = trained_folder("gemma3_text", steps=0, tokenizer="spm")
+    reader, _ = _read(convert_hf_to_gguf(folder, folder / "m.spm.gguf", "f16"))
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert _field(reader, "tokenizer.ggml.model") == "llama"
+    assert _field(reader, "tokenizer.ggml.tokens") == [tok.convert_ids_to_tokens(i) for i in range(len(tok))]
+    assert _field(reader, "tokenizer.ggml.add_space_prefix") is False
+    types = _field(reader, "tokenizer.ggml.token_type")
+    scores = _field(reader, "tokenizer.ggml.scores")
+    byte_a = tok.convert_tokens_to_ids("<0x41>")
+    assert types[byte_a] == gguf.TokenType.BYTE and types[tok.bos_token_id] == gguf.TokenType.CONTROL
+    merges = json.loads((folder / "tokenizer.json").read_text())["model"]["merges"]
+    first, last = ["".join(m) for m in (merges[0], merges[-1])]
+    assert scores[tok.convert_tokens_to_ids(first)] == 0.0
+    assert scores[tok.convert_tokens_to_ids(last)] == -(len(merges) - 1)
+
+
+def test_k_quants_use_llama_quantize_from_path(tmp_path, trained_folder, monkeypatch):
+    """With a `llama-quantize` on PATH (as in the image) the exporter hands it the 16-bit file
+    and llama.cpp's type name; here a stand-in records its arguments and copies the file."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "llama-quantize"
+    fake.write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/args\ncp "$1" "$2"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    folder = trained_folder("llama", steps=0)
+    out = convert_hf_to_gguf(folder, tmp_path / "m.Q5_K_M.gguf", "q5_k_m", threads=3)
+    src, dst, ftype, threads = (tmp_path / "args").read_text().split()
+    assert (ftype, threads, dst) == ("Q5_K_M", "3", f"{out}.part")
+    assert src.endswith("model.F16.gguf") and not os.path.exists(src)  # temporary 16-bit file gone
+    reader, _ = _read(out)
+    assert _field(reader, "general.file_type") == gguf.LlamaFileType.MOSTLY_F16  # the stand-in's copy
+
+
+def test_pre_tokenizer_is_named_from_its_split_regex(caplog):
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+    from desktune.export.gguf_tokenizer import PRE_TOKENIZERS, detect_pre_tokenizer
+
+    def tokenizer_json(pre):
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre
+        return json.loads(tok.to_str())
+
+    for regex, name in PRE_TOKENIZERS.items():
+        pre = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(regex), behavior="isolated"),
+                                       pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        assert detect_pre_tokenizer(tokenizer_json(pre)) == name
+    assert detect_pre_tokenizer(tokenizer_json(pre_tokenizers.ByteLevel(add_prefix_space=False))) == "gpt-2"
+    odd = pre_tokenizers.Split(Regex(r"\w+|\s+"), behavior="isolated")
+    assert detect_pre_tokenizer(tokenizer_json(odd)) == "default"
+    assert "unknown pre-tokenizer regex" in caplog.text

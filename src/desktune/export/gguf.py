@@ -35,6 +35,7 @@ class _TensorSpec:
     qtype: Any  # gguf.GGMLQuantizationType
     hf_name: str | None  # None: computed, not read (rope_freqs)
     file: Path | None
+    part: str | None = None  # gguf_arch.TensorView.part
 
 
 def convert_hf_to_gguf(folder: str | os.PathLike, out_file: str | os.PathLike, quantization_method: str = "q8_0",
@@ -49,8 +50,7 @@ def convert_hf_to_gguf(folder: str | os.PathLike, out_file: str | os.PathLike, q
     if method.python:
         _write_gguf(folder, out_file, method)
         return out_file
-    if gguf_quant.find_quantizer() is None:  # fail before the slow 16-bit pass
-        gguf_quant.quantize_with_llama_cpp(out_file, out_file, method)
+    gguf_quant.require_quantizer(method)  # fail before the slow 16-bit pass
     config = _load_config(folder)
     base = gguf_quant.parse_method("bf16" if str(getattr(config, "dtype", "")).endswith("bfloat16") else "f16")
     with tempfile.TemporaryDirectory(dir=out_file.parent, prefix=".gguf-") as tmp:
@@ -73,6 +73,7 @@ def _write_gguf(folder: Path, out_file: Path, method: gguf_quant.QuantMethod) ->
 
     part = out_file.with_name(out_file.name + ".part")
     writer = gguf.GGUFWriter(part, gguf.MODEL_ARCH_NAMES[arch])
+    ok = False
     try:
         writer.add_name(_model_name(folder, config))
         writer.add_file_type(gguf_quant.file_type(method))
@@ -88,8 +89,11 @@ def _write_gguf(folder: Path, out_file: Path, method: gguf_quant.QuantMethod) ->
         for s in specs:
             data = _load_tensor(s, config, family)
             writer.write_tensor_data(gguf.quants.quantize(data, s.qtype))
+        ok = True
     finally:
         writer.close()
+        if not ok:
+            part.unlink(missing_ok=True)
     os.replace(part, out_file)
     logger.info("wrote %s (%s, %d tensors)", out_file, method.name, len(specs))
 
@@ -107,15 +111,18 @@ def _tensor_specs(folder: Path, config: Any, family: gguf_arch.GGUFFamily, arch:
             for hf_name in f.keys():
                 if hf_name.endswith(_SKIP_SUFFIXES) or (tied and hf_name == "lm_head.weight"):
                     continue
-                gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-                if gguf_name is None:
-                    raise UnsupportedModelError(
-                        f"{file.name}: tensor {hf_name!r} has no llama.cpp name for {family.model_type}; "
-                        "is this a merged model folder (not an adapter, not a 4-bit checkpoint)? "
-                        "Save it with save_pretrained_merged(..., save_method='merged_16bit') first."
-                    )
                 shape = tuple(f.get_slice(hf_name).get_shape())
-                specs.append(_TensorSpec(gguf_name, shape, gguf_quant.tensor_type(method, shape), hf_name, file))
+                views = family.views(hf_name, shape) if family.views else [gguf_arch.TensorView(hf_name, None, shape)]
+                for view in views:
+                    gguf_name = name_map.get_name(view.name, try_suffixes=(".weight", ".bias"))
+                    if gguf_name is None:
+                        raise UnsupportedModelError(
+                            f"{file.name}: tensor {hf_name!r} has no llama.cpp name for {family.model_type}; "
+                            "is this a merged model folder (not an adapter, not a 4-bit checkpoint)? "
+                            "Save it with save_pretrained_merged(..., save_method='merged_16bit') first."
+                        )
+                    qtype = gguf_quant.tensor_type(method, view.shape, gguf_name)
+                    specs.append(_TensorSpec(gguf_name, view.shape, qtype, hf_name, file, view.part))
     if not any(s.gguf_name == "token_embd.weight" for s in specs):
         raise GGUFExportError(f"{folder} has no token embedding tensor; is it a complete model folder?")
     if gguf_arch.llama3_rope_factors(config) is not None:
@@ -148,6 +155,7 @@ def _load_tensor(spec: _TensorSpec, config: Any, family: gguf_arch.GGUFFamily) -
         return factors
     with safe_open(spec.file, framework="pt") as f:
         data = f.get_tensor(spec.hf_name).float().numpy()
+    data = gguf_arch.cut_view(spec.part, data, spec.gguf_name.endswith(".bias"))
     return np.ascontiguousarray(gguf_arch.transform_tensor(spec.hf_name, data, config, family), dtype=np.float32)
 
 

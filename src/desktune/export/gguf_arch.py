@@ -21,6 +21,16 @@ from desktune.log import logger
 
 
 @dataclass(frozen=True)
+class TensorView:
+    """One GGUF tensor cut from one HF tensor: `name` is what gguf's name map knows,
+    `part` says how to cut ("gate"/"up": even/odd columns; "T": transpose the last two)."""
+
+    name: str
+    part: str | None
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class GGUFFamily:
     """How one Hugging Face `model_type` maps onto a llama.cpp architecture."""
 
@@ -29,6 +39,7 @@ class GGUFFamily:
     permute_qk: bool = False  # HF rotate-half rows -> llama.cpp interleaved rows
     norm_shift: float = 0.0  # added to every "*norm.weight" (Gemma's 1 + w)
     extra_metadata: Callable[[Any, Any], None] | None = None  # (writer, config) -> None
+    views: Callable[[str, tuple[int, ...]], list[TensorView]] | None = None  # HF tensor -> GGUF tensors
 
 
 def _gemma2_metadata(writer: Any, config: Any) -> None:
@@ -67,6 +78,51 @@ def _check_query_scale(config: Any) -> None:
         )
 
 
+def _gpt_oss_metadata(writer: Any, config: Any) -> None:
+    writer.add_expert_count(int(config.num_local_experts))
+    writer.add_expert_used_count(int(config.num_experts_per_tok))
+    writer.add_expert_feed_forward_length(int(config.intermediate_size))
+    writer.add_sliding_window(int(config.sliding_window))
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        writer.add_sliding_window_pattern([t == "sliding_attention" for t in layer_types])
+
+
+def _gpt_oss_views(hf_name: str, shape: tuple[int, ...]) -> list[TensorView]:
+    """HF keeps each layer's experts fused: gate_up_proj [E, hidden, 2*ff] with gate and up
+    in alternating columns, used as x @ W; llama.cpp wants separate [E, ff, hidden] gate/up
+    and [E, hidden, ff] down tensors (rows = outputs)."""
+    if hf_name.endswith(("_blocks", "_scales")):
+        raise UnsupportedModelError(
+            f"{hf_name} is MXFP4-packed; GGUF export reads a dequantized 16-bit folder: merge the model with "
+            "save_pretrained_merged(..., save_method='merged_16bit') (or `desktune merge`) first."
+        )
+    base = hf_name.removesuffix("_bias")
+    if base.endswith("experts.gate_up_proj"):
+        stem = base.removesuffix("gate_up_proj")
+        if hf_name.endswith("_bias"):
+            half = (*shape[:-1], shape[-1] // 2)
+            return [TensorView(stem + "gate_proj.bias", "gate", half), TensorView(stem + "up_proj.bias", "up", half)]
+        out = (shape[0], shape[2] // 2, shape[1])
+        return [TensorView(stem + "gate_proj.weight", "gate", out), TensorView(stem + "up_proj.weight", "up", out)]
+    if base.endswith("experts.down_proj"):
+        if hf_name.endswith("_bias"):
+            return [TensorView(base + ".bias", None, shape)]
+        return [TensorView(base + ".weight", "T", (shape[0], shape[2], shape[1]))]
+    if hf_name.endswith("self_attn.sinks"):
+        return [TensorView(hf_name + ".weight", None, shape)]
+    return [TensorView(hf_name, None, shape)]
+
+
+def cut_view(part: str | None, data: np.ndarray, is_bias: bool) -> np.ndarray:
+    if part in ("gate", "up"):
+        data = data[..., 0::2] if part == "gate" else data[..., 1::2]
+        return data if is_bias else np.swapaxes(data, -1, -2)
+    if part == "T":
+        return np.swapaxes(data, -1, -2)
+    return data
+
+
 FAMILIES: dict[str, GGUFFamily] = {
     f.model_type: f
     for f in (
@@ -76,6 +132,7 @@ FAMILIES: dict[str, GGUFFamily] = {
         GGUFFamily("qwen3", "QWEN3"),
         GGUFFamily("gemma2", "GEMMA2", norm_shift=1.0, extra_metadata=_gemma2_metadata),
         GGUFFamily("gemma3_text", "GEMMA3", norm_shift=1.0, extra_metadata=_gemma3_metadata),
+        GGUFFamily("gpt_oss", "GPT_OSS", extra_metadata=_gpt_oss_metadata, views=_gpt_oss_views),
     )
 }
 
@@ -152,6 +209,12 @@ def _write_rope_scaling(writer: Any, rope: dict[str, Any]) -> None:
         writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         writer.add_rope_scaling_factor(float(rope["factor"]))
         writer.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
+        for key, add in (("beta_fast", writer.add_rope_scaling_yarn_beta_fast),
+                         ("beta_slow", writer.add_rope_scaling_yarn_beta_slow),
+                         ("attention_factor", writer.add_rope_scaling_yarn_attn_factor),
+                         ("extrapolation_factor", writer.add_rope_scaling_yarn_ext_factor)):
+            if rope.get(key) is not None:
+                add(float(rope[key]))
     else:
         raise UnsupportedModelError(
             f"rope scaling {kind!r} has no llama.cpp equivalent in this exporter (supported: default, linear, "

@@ -66,12 +66,14 @@ def parse_method(method: str) -> QuantMethod:
     raise GGUFExportError(f"unknown quantization_method {method!r}; choose one of: {', '.join(known)}.")
 
 
-def tensor_type(method: QuantMethod, shape: tuple[int, ...]):
-    """The GGML type a tensor of this shape gets: 1-D tensors (norms, biases, rope factors)
-    stay f32 as llama.cpp expects; q8_0 needs rows that are a multiple of its 32-wide block."""
+def tensor_type(method: QuantMethod, shape: tuple[int, ...], gguf_name: str = ""):
+    """The GGML type a tensor gets: 1-D tensors (norms, rope factors), biases and MoE routers
+    stay f32 as llama.cpp's converter keeps them; q8_0 needs rows that are a multiple of its
+    32-wide block, else f16."""
     import gguf
 
-    if len(shape) < 2 or method.name == "f32":
+    keep_f32 = gguf_name.endswith((".bias", "_norm.weight")) or ".ffn_gate_inp." in gguf_name
+    if len(shape) < 2 or keep_f32 or method.name == "f32":
         return gguf.GGMLQuantizationType.F32
     qtype = gguf.GGMLQuantizationType[PYTHON_METHODS[method.name][0]]
     block, _ = gguf.GGML_QUANT_SIZES[qtype]
@@ -106,10 +108,8 @@ sys.exit(1 if rc != 0 else 0)
 """
 
 
-def quantize_with_llama_cpp(src: Path, dst: Path, method: QuantMethod, threads: int = 0) -> None:
-    """Quantize a 16-bit GGUF file into dst with llama.cpp; raises GGUFExportError on failure."""
-    import gguf
-
+def require_quantizer(method: QuantMethod) -> str:
+    """The llama.cpp quantizer to use for `method`, or a GGUFExportError that says how to get one."""
     quantizer = find_quantizer()
     if quantizer is None:
         raise GGUFExportError(
@@ -117,6 +117,14 @@ def quantize_with_llama_cpp(src: Path, dst: Path, method: QuantMethod, threads: 
             "PATH (build llama.cpp: cmake -B build && cmake --build build --target llama-quantize) or "
             "`pip install llama-cpp-python`; or export with f16, bf16 or q8_0, which need neither."
         )
+    return quantizer
+
+
+def quantize_with_llama_cpp(src: Path, dst: Path, method: QuantMethod, threads: int = 0) -> None:
+    """Quantize a 16-bit GGUF file into dst with llama.cpp; raises GGUFExportError on failure."""
+    import gguf
+
+    quantizer = require_quantizer(method)
     ftype = LLAMA_CPP_METHODS[method.name]
     if quantizer.startswith("binary:"):
         cmd = [quantizer.split(":", 1)[1], str(src), str(dst), ftype.removeprefix("MOSTLY_")]
