@@ -20,13 +20,13 @@ def test_qlora_trains_attention_and_expert_adapters(gpt_oss_dir):
     optimizer = torch.optim.AdamW(trainable.values(), lr=2e-2)
     ids = _batch()
     losses = []
-    for _ in range(12):
+    for _ in range(6):
         loss = peft_model(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
-    assert losses[-1] < losses[0] - 0.5, losses
+    assert losses[-1] < losses[0] - 1.0, losses  # measured: 6.6 -> 2.2 in 6 steps
     assert not torch.equal(expert_a.detach(), start)  # the expert adapters did train
 
 
