@@ -147,3 +147,5 @@ def test_sft_trainer_padding_free_with_desktune_model(tiny_model_dir, tmp_path):
     model.train()
     result = trainer.train()
     assert result.global_step == 2 and torch.isfinite(torch.tensor(result.training_loss))
+    # get_peft_model's default "unsloth" checkpointing offloaded each layer's input: 2 layers x 2 steps
+    assert model.get_base_model()._desktune_offload.stats.packed == 4

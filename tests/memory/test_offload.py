@@ -164,3 +164,24 @@ def test_tensor_split_over_many_pieces_comes_back_exactly():
     assert torch.equal(lp[0], lo[0])
     for name in gp:
         assert torch.equal(gp[name], go[name]), name
+
+
+def test_offload_survives_trainer_reenabling_checkpointing():
+    """Trainer / SFTTrainer(gradient_checkpointing=True) call the model's enable again
+    when training starts; the offload must stay (it is the same instance after)."""
+    peft_model = add_lora(tiny_llama(layers=2))
+    base = peft_model.get_base_model()
+    apply_gradient_checkpointing(base, "unsloth")
+    offload = base._desktune_offload
+    enable = getattr(peft_model, "activation_checkpointing_enable", None) or peft_model.gradient_checkpointing_enable
+    enable()  # what Trainer does, through the PeftModel
+    assert all(layer._gradient_checkpointing_func is offload for layer in base.model.layers)
+    clone = copy.deepcopy(base)  # the copy's hook is bound to the copy, with its own offload
+    assert clone._desktune_offload is not offload and clone._desktune_offload.stats.packed == 0
+    assert all(layer._gradient_checkpointing_func is clone._desktune_offload for layer in clone.model.layers)
+    (getattr(clone, "activation_checkpointing_enable", None) or clone.gradient_checkpointing_enable)()
+    assert clone._desktune_offload is not offload
+    assert all(layer._gradient_checkpointing_func is clone._desktune_offload for layer in clone.model.layers)
+    apply_gradient_checkpointing(base, True)
+    enable()
+    assert not any(isinstance(layer._gradient_checkpointing_func, OffloadedCheckpoint) for layer in base.model.layers)

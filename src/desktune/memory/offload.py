@@ -109,6 +109,13 @@ class OffloadedCheckpoint:
         self._memory_probe = memory_probe  # () -> (available, total) bytes, or None
         self.piece_unit = piece_unit
 
+    def __deepcopy__(self, memo):
+        # A copied model gets its own offloader (fresh streams and stats); CUDA streams cannot be copied.
+        clone = OffloadedCheckpoint(self.num_layers, dict(self.checkpoint_kwargs), self._memory_probe,
+                                    self.piece_unit)
+        memo[id(self)] = clone
+        return clone
+
     def __call__(self, function, *args, **kwargs):
         with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
             return checkpoint(function, *args, **self.checkpoint_kwargs, **kwargs)
