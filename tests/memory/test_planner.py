@@ -64,14 +64,28 @@ def test_host_ram_can_be_the_limit():
     assert planner.plan(LLAMA_8B, 80 * GIB, host_bytes=16 * GIB, checkpointing=True).limited_by == "gpu"
 
 
-def test_from_transformers_config_and_moe_refused():
-    from transformers import LlamaConfig, MixtralConfig
+def test_from_transformers_config():
+    from transformers import LlamaConfig
 
     config = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                          num_attention_heads=32, num_key_value_heads=8)
     assert planner.ModelShape.from_config(config) == LLAMA_8B
-    with pytest.raises(ValueError, match="mixture of experts"):
-        planner.ModelShape.from_config(MixtralConfig())
+
+
+def test_mixture_of_experts_counts_all_experts_and_routes_top_k():
+    from desktune.bench.shapes import build_config
+
+    shape = planner.ModelShape.from_config(build_config("gpt-oss-20b"))
+    assert (shape.experts, shape.experts_per_token, shape.intermediate) == (32, 4, 2880)
+    assert "gate_proj" not in shape.projection_shapes()
+    fixed = planner.fixed_bytes(shape, planner.PlanSettings())
+    # ~19.9e9 expert parameters + ~0.4e9 attention in NF4: about 10.5 GB
+    assert 9.5e9 < fixed["base_weights"] < 11.5e9
+    dense = planner.ModelShape(**{**shape.__dict__, "experts": 0, "experts_per_token": 0})
+    moe_cost, tiles = planner.per_token_bytes(shape, planner.PlanSettings(), 50_000)
+    dense_cost, _ = planner.per_token_bytes(dense, planner.PlanSettings(), 1)
+    assert tiles == 1 and moe_cost["layer"] > dense_cost["layer"]  # 4 experts' intermediates per token
+    assert planner.max_context(build_config("gpt-oss-20b"), 32 * GIB) > 0
 
 
 def test_plan_cli(capsys):

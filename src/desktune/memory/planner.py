@@ -31,6 +31,11 @@ per_token (bytes per token, s = activation bytes, 2 for bf16/fp16):
                    (gradient in and out, final hidden and its fused-loss
                    gradient), RoPE cos/sin s x 2 x head_dim, 24 bytes of ids
 
+Mixture-of-experts models (gpt-oss): the experts' weights are counted with the
+base weights (all experts, same bytes per parameter), LoRA only on the dense
+projections, and the MLP terms use experts_per_token x intermediate, untiled, plus
+2 x hidden x experts_per_token for the tokens gathered per expert.
+
 The budget is what `torch.cuda.set_per_process_memory_fraction` allows the
 caching allocator (the CUDA context is outside it). `max_context` solves
 peak(N) <= budget for N, rounds down to a multiple of 64 and divides by the
@@ -68,28 +73,42 @@ class ModelShape:
     head_dim: int
     vocab: int
     tied_embeddings: bool = False
+    experts: int = 0  # mixture of experts: experts per layer (0: a dense MLP)
+    experts_per_token: int = 0
 
     @classmethod
     def from_config(cls, config) -> "ModelShape":
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        if getattr(text, "num_local_experts", None) or getattr(text, "num_experts", None):
-            raise ValueError(
-                f"the memory planner models dense MLPs; {getattr(text, 'model_type', 'this model')} is a mixture of "
-                "experts, which it does not cover yet: measure with `desktune bench --context` instead"
-            )
+        experts = getattr(text, "num_local_experts", None) or getattr(text, "num_experts", None) or 0
+        per_token = getattr(text, "num_experts_per_tok", None) or 0
+        if experts and not per_token:
+            raise ValueError(f"{getattr(text, 'model_type', 'this model')} has {experts} experts but no "
+                             "num_experts_per_tok: the planner cannot tell how many run per token")
+        intermediate = (getattr(text, "moe_intermediate_size", None) if experts else None) or text.intermediate_size
         heads = text.num_attention_heads
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
         return cls(
-            layers=text.num_hidden_layers, hidden=text.hidden_size, intermediate=text.intermediate_size,
+            layers=text.num_hidden_layers, hidden=text.hidden_size, intermediate=intermediate,
             heads=heads, kv_heads=getattr(text, "num_key_value_heads", None) or heads, head_dim=head_dim,
             vocab=text.vocab_size, tied_embeddings=bool(getattr(text, "tie_word_embeddings", False)),
+            experts=experts, experts_per_token=per_token,
         )
 
     def projection_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of each dense projection of one layer (a MoE's experts are counted apart)."""
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        return {"q_proj": (self.hidden, q), "k_proj": (self.hidden, kv), "v_proj": (self.hidden, kv),
-                "o_proj": (q, self.hidden), "gate_proj": (self.hidden, self.intermediate),
-                "up_proj": (self.hidden, self.intermediate), "down_proj": (self.intermediate, self.hidden)}
+        shapes = {"q_proj": (self.hidden, q), "k_proj": (self.hidden, kv), "v_proj": (self.hidden, kv),
+                  "o_proj": (q, self.hidden)}
+        if not self.experts:
+            shapes.update(gate_proj=(self.hidden, self.intermediate), up_proj=(self.hidden, self.intermediate),
+                          down_proj=(self.intermediate, self.hidden))
+        return shapes
+
+    def expert_params(self) -> int:
+        """All experts' gate, up and down weights (+ router) over all layers; 0 for a dense model."""
+        if not self.experts:
+            return 0
+        return self.layers * (self.experts * 3 * self.hidden * self.intermediate + self.hidden * self.experts)
 
 
 @dataclass(frozen=True)
@@ -137,7 +156,7 @@ class MemoryPlan:
 
 def fixed_bytes(shape: ModelShape, settings: PlanSettings) -> dict[str, int]:
     projections = shape.projection_shapes()
-    linear_params = shape.layers * sum(i * o for i, o in projections.values())
+    linear_params = shape.layers * sum(i * o for i, o in projections.values()) + shape.expert_params()
     embed = shape.vocab * shape.hidden * (1 if shape.tied_embeddings else 2)
     lora_params = shape.layers * sum(settings.lora_rank * sum(projections[name]) for name in settings.target_modules
                                      if name in projections)
@@ -155,10 +174,14 @@ def per_token_bytes(shape: ModelShape, settings: PlanSettings, tokens: int) -> t
     h, inter = shape.hidden, shape.intermediate
     q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     tiles = 1
-    if settings.tiled_mlp is not None and tokens >= settings.tiled_mlp.min_tokens:
+    routed = 0
+    if shape.experts:  # each token runs experts_per_token experts (untiled), plus its gathered copies
+        inter *= shape.experts_per_token
+        routed = s * 2 * h * shape.experts_per_token
+    elif settings.tiled_mlp is not None and tokens >= settings.tiled_mlp.min_tokens:
         tiles = chunk_count(tokens, h, inter, settings.tiled_mlp)
-    lora = len(settings.target_modules) * settings.lora_rank
-    layer = s * (3 * h + 2 * q + 3 * kv + q + h) + 4 * shape.heads + s * lora + s * 3 * inter / tiles
+    lora = settings.lora_rank * sum(1 for name in settings.target_modules if name in shape.projection_shapes())
+    layer = s * (3 * h + 2 * q + 3 * kv + q + h) + 4 * shape.heads + s * lora + s * 3 * inter / tiles + routed
     grads = s * (2 * q + 2 * kv) + s * 2 * inter / tiles
     stream = s * 4 * h + s * 2 * shape.head_dim + 24
     if settings.checkpointing is False:
