@@ -55,11 +55,13 @@ def _ids(seq, vocab=32000, seed=0):
     return torch.randint(0, vocab, (1, seq), generator=g).cuda()
 
 
-def _assert_grads_close(a: dict, b: dict, noise: dict | None = None):
+def _assert_grads_close(a: dict, b: dict, noise: dict | None = None, tol: float = 2e-2):
+    """Max error relative to each tensor's largest entry: bf16 kernels that sum in another
+    order stay within `tol`; attention leaking across examples would be off by O(1)."""
     for name in a:
         scale = a[name].float().abs().max().item() + 1e-12
         err = (a[name].float() - b[name].float()).abs().max().item() / scale
-        allowed = 2e-2 if noise is None else max(1e-6, 3 * noise[name])
+        allowed = tol if noise is None else max(1e-6, 3 * noise[name])
         assert err <= allowed, (name, err, allowed)
 
 
@@ -133,7 +135,7 @@ def test_varlen_attention_matches_sdpa_on_packed_rows():
         losses.append(loss.float().item())
         grads.append(trainable_grads(model))
     assert abs(losses[0] - losses[1]) < 2e-2
-    _assert_grads_close(grads[0], grads[1])
+    _assert_grads_close(grads[0], grads[1], tol=5e-2)  # flash varlen vs SDPA's masked kernel
     # Long unpacked row: varlen (one sequence) vs SDPA's causal flash kernel.
     ids = _ids(8192)
     with torch.no_grad():
