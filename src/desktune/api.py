@@ -11,6 +11,7 @@ import types
 
 import torch
 
+from desktune.distributed import is_main_process, quiet_other_ranks
 from desktune.lora.fast_lora import patch_qlora_layers
 from desktune.lora.peft_setup import LoraSettings, add_lora
 from desktune.lora.save import save_adapter
@@ -25,11 +26,17 @@ def is_bfloat16_supported() -> bool:
 def _save_pretrained_merged(self, save_directory, tokenizer=None, save_method="merged_16bit", **kwargs):
     from desktune.export.merge import save_merged
 
+    if not is_main_process():  # under torchrun every rank holds the same model: rank 0 writes it
+        return None
+
     return save_merged(self, save_directory, tokenizer, save_method=save_method, **kwargs)
 
 
 def _save_pretrained_gguf(self, save_directory, tokenizer=None, quantization_method="q8_0", **kwargs):
     from desktune.export.gguf import save_pretrained_gguf
+
+    if not is_main_process():
+        return None
 
     return save_pretrained_gguf(self, save_directory, tokenizer, quantization_method=quantization_method, **kwargs)
 
@@ -38,7 +45,9 @@ def _attach_save_methods(peft_model) -> None:
     original_save = peft_model.save_pretrained
 
     def save_pretrained(self, save_directory, **kwargs):
-        """PEFT's adapter save, refusing a folder of another model and writing atomically."""
+        """PEFT's adapter save, refusing a folder of another model and writing atomically (rank 0 only)."""
+        if not is_main_process():
+            return None
         return save_adapter(self, save_directory, original_save, **kwargs)
 
     peft_model.save_pretrained = types.MethodType(save_pretrained, peft_model)
@@ -72,6 +81,7 @@ class FastLanguageModel:
         use_gradient_checkpointing applies to full fine-tuning; LoRA takes it in
         get_peft_model.
         """
+        quiet_other_ranks()  # under torchrun / accelerate launch only rank 0 logs desktune's progress
         ignored = sorted(set(kwargs) - {"rope_scaling", "fix_tokenizer", "use_exact_model_name", "revision"})
         if ignored:
             raise TypeError(f"from_pretrained() got unexpected keyword arguments: {', '.join(ignored)}")

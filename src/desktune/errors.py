@@ -59,3 +59,7 @@ class GGUFExportError(DesktuneError, RuntimeError):
 
 class HostMemoryError(DesktuneError, MemoryError):
     """Host (CPU) RAM is too small for what was asked, e.g. offloaded checkpoints of a long sequence."""
+
+
+class DistributedSetupError(DesktuneError, RuntimeError):
+    """A multi-process run (torchrun / accelerate launch) is set up wrongly: launcher variables, GPUs, sharding."""

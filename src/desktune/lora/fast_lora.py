@@ -41,7 +41,7 @@ def _fused_forward(original):
             out = qlora_linear(
                 x.to(compute_dtype),
                 base.weight.data,
-                base.weight.quant_state,
+                _quant_state(base),
                 self.lora_A[name].weight,
                 self.lora_B[name].weight,
                 self.scaling[name],
@@ -50,6 +50,13 @@ def _fused_forward(original):
         return out if autocast else out.to(x.dtype)
 
     return forward
+
+
+def _quant_state(base: nn.Module):
+    """The NF4 quant state of a bnb Linear4bit. FSDP2 swaps the weight for a plain (gathered)
+    Parameter, which drops the attribute; bitsandbytes keeps a copy on the module for that case."""
+    state = getattr(base.weight, "quant_state", None)
+    return state if state is not None else base.quant_state
 
 
 def patch_qlora_layers(peft_model: nn.Module) -> int:

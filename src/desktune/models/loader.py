@@ -95,7 +95,10 @@ def check_gpu() -> None:
 
 
 def default_device_map():
-    return {"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu"
+    """The whole model on this process's GPU (cuda:LOCAL_RANK under torchrun / accelerate launch)."""
+    from desktune.distributed import device_map
+
+    return device_map()
 
 
 def load(request: LoadRequest):
@@ -113,16 +116,16 @@ def load(request: LoadRequest):
     family = registry.family_for(config, fallback=request.fallback_to_transformers)
     check_gpu()
     dtype = pick_dtype(request.dtype)
+    device_map = request.device_map if request.device_map is not None else default_device_map()
     try:
         if family is not None and family.load_model is not None:  # quantises while loading (gpt-oss)
-            model = family.load_model(resolved, config, dtype, load_in_4bit, load_in_8bit, request.device_map,
-                                      request.token)
+            model = family.load_model(resolved, config, dtype, load_in_4bit, load_in_8bit, device_map, request.token)
         else:
             model = AutoModelForCausalLM.from_pretrained(
                 resolved,
                 dtype=dtype,
                 quantization_config=quantization_config(load_in_4bit, load_in_8bit, dtype),
-                device_map=request.device_map if request.device_map is not None else default_device_map(),
+                device_map=device_map,
                 token=request.token,
                 trust_remote_code=request.trust_remote_code,
             )
