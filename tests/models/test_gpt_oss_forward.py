@@ -163,3 +163,26 @@ def test_packed_rows_are_left_to_transformers_masks(gpt_oss_dir):
         theirs = ref(input_ids=ids, position_ids=positions).logits
         torch.testing.assert_close(ours(input_ids=ids, position_ids=positions).logits, theirs, rtol=1e-4, atol=1e-4)
     assert calls and calls[0] is not None  # transformers' mask reached the layer: the no-mask fast path was skipped
+
+
+def test_token_chunked_moe_gives_the_same_loss_and_lora_grads(gpt_oss_dir):
+    from desktune.memory.tiled_mlp import TiledMLPConfig, set_tiled_mlp
+
+    runs = []
+    for tiling in (None, TiledMLPConfig(min_tokens=1, num_chunks=3)):
+        model = FastLanguageModel.get_peft_model(_ours(gpt_oss_dir), r=4, use_gradient_checkpointing=False)
+        model.train()
+        assert set_tiled_mlp(model, tiling) == 2
+        torch.manual_seed(5)
+        with torch.no_grad():
+            for name, param in sorted(model.named_parameters()):
+                if "lora_B" in name:
+                    param.normal_(0.0, 0.2)
+        ids = _ids(5)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        runs.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (loss_a, grads_a), (loss_b, grads_b) = runs
+    torch.testing.assert_close(loss_b, loss_a)
+    for name, grad in grads_a.items():
+        torch.testing.assert_close(grads_b[name], grad, rtol=1e-4, atol=1e-6, msg=name)
