@@ -186,3 +186,13 @@ def test_token_chunked_moe_gives_the_same_loss_and_lora_grads(gpt_oss_dir):
     torch.testing.assert_close(loss_b, loss_a)
     for name, grad in grads_a.items():
         torch.testing.assert_close(grads_b[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_generate_after_for_inference_matches_transformers_greedy(gpt_oss_dir):
+    ref = _reference(gpt_oss_dir).eval()
+    ours = FastLanguageModel.for_inference(_ours(gpt_oss_dir))
+    ids = _ids(6, batch=1)[:, :6]
+    want = ref.generate(ids, max_new_tokens=8, do_sample=False)
+    got = ours.generate(ids, max_new_tokens=8, do_sample=False)
+    assert got.shape[1] == ids.shape[1] + 8
+    assert torch.equal(got, want)
