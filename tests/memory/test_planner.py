@@ -91,10 +91,14 @@ def test_mixture_of_experts_counts_all_experts_and_routes_top_k():
 def test_plan_cli(capsys):
     from desktune.cli.main import main
 
-    assert main(["plan", "llama-3.1-8b", "--budget-gib", "16", "--budget-gib", "32", "--json"]) == 0
+    assert main(["plan", "llama-3.1-8b", "--budget-gib", "16", "--budget-gib", "32", "--host-ram-gib", "256",
+                 "--json"]) == 0
     plans = json.loads(capsys.readouterr().out)
     assert [p["budget_bytes"] for p in plans] == [16 * GIB, 32 * GIB]
-    assert plans[1]["max_seq_length"] >= plans[0]["max_seq_length"] > 0
+    assert plans[1]["max_seq_length"] > plans[0]["max_seq_length"] > 0
+    assert plans[1]["max_seq_length"] == planner.max_context(LLAMA_8B, 32 * GIB)
+    assert main(["plan", "llama-3.1-8b", "--budget-gib", "32", "--host-ram-gib", "8", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["limited_by"] == "host"
     assert main(["plan", "llama-3.1-8b", "--budget-gib", "16", "--checkpointing", "true", "--rank", "32"]) == 0
     out = capsys.readouterr().out
     assert "max_seq_length" in out and "r=32" in out

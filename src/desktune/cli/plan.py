@@ -24,6 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpointing", choices=tuple(_CHECKPOINTING), default="unsloth",
                    help="use_gradient_checkpointing mode (default unsloth = offloaded)")
     p.add_argument("--batch-size", type=int, default=1, help="rows per step (default 1)")
+    p.add_argument("--host-ram-gib", type=float,
+                   help="host RAM the offloaded checkpoints may use (default: what is free here, minus a reserve)")
     p.add_argument("--json", action="store_true", help="print the plans as JSON")
     p.set_defaults(func=run)
 
@@ -65,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.model)
     settings = planner.PlanSettings(lora_rank=args.rank, quantization=args.quantization,
                                     checkpointing=_CHECKPOINTING[args.checkpointing], batch_size=args.batch_size)
-    host = usable_host_bytes()
+    host = int(args.host_ram_gib * (1 << 30)) if args.host_ram_gib is not None else usable_host_bytes()
     plans = [planner.plan(config, budget, settings, host_bytes=host) for budget in _budgets(args)]
     if args.json:
         print(json.dumps([p.as_dict() for p in plans], indent=2))
