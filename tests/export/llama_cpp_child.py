@@ -26,8 +26,9 @@ def _no_extra_bufts():
 def main() -> None:
     args = json.loads(sys.argv[1])
     C.llama_model_default_params = _no_extra_bufts
+    # One thread: llama.cpp's spinning workers crawl on a busy 2-core machine.
     llm = llama_cpp.Llama(model_path=args["model"], n_ctx=256, n_batch=256, logits_all=True, verbose=False,
-                          n_threads=2, seed=0)
+                          n_threads=1, n_threads_batch=1, seed=0)
     out = {"tokens": llm.tokenize(args["text"].encode("utf-8"), add_bos=True, special=False)}
     ids = list(args["ids"])
     llm.eval(ids)

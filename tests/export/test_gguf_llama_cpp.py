@@ -18,7 +18,7 @@ from desktune.export.gguf import convert_hf_to_gguf
 pytest.importorskip("llama_cpp")
 gguf = pytest.importorskip("gguf")
 
-from gguf_helpers import PROMPT, prompt_ids  # noqa: E402
+from gguf_helpers import PROMPT, one_thread, prompt_ids  # noqa: E402
 
 CHILD = Path(__file__).with_name("llama_cpp_child.py")
 N_GEN = 8
@@ -39,7 +39,7 @@ def run_transformers(folder: Path, n_gen: int = N_GEN) -> dict:
     tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     ids = prompt_ids(tok)
-    with torch.no_grad():
+    with torch.no_grad(), one_thread():
         logits = model(torch.tensor([ids])).logits[0].double().numpy()
         out = model.generate(torch.tensor([ids]), max_new_tokens=n_gen, do_sample=False, min_new_tokens=n_gen,
                              pad_token_id=tok.pad_token_id)
@@ -53,7 +53,7 @@ def cosines(a, b) -> np.ndarray:
 
 
 def _check(folder: Path, method: str, min_cos: float) -> np.ndarray:
-    out = convert_hf_to_gguf(folder, folder / f"m.{method}.gguf", method)
+    out = convert_hf_to_gguf(folder, folder / f"m.{method}.gguf", method, threads=1)
     hf = run_transformers(folder)
     cpp = run_llama_cpp(out, PROMPT, hf["ids"])
     assert cpp["tokens"] == hf["text_ids"], "llama.cpp tokenizes the prompt differently from transformers"

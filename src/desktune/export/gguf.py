@@ -181,10 +181,12 @@ def _load_config(folder: Path) -> Any:
             folder / "adapter_config.json").is_file() else ""
         raise GGUFExportError(f"{folder} has no config.json{hint}; GGUF export needs a merged model folder.")
     config = AutoConfig.from_pretrained(folder)
-    if getattr(config, "quantization_config", None):
+    quant = getattr(config, "quantization_config", None)
+    if quant:
+        kind = quant.get("quant_method", "?") if isinstance(quant, dict) else getattr(quant, "quant_method", "?")
         raise GGUFExportError(
-            f"{folder} holds a quantized (bitsandbytes) checkpoint; export a merged 16-bit folder instead "
-            "(save_pretrained_merged(..., save_method='merged_16bit') dequantizes the base)."
+            f"{folder} holds a quantized checkpoint ({kind}); export a merged 16-bit folder instead "
+            "(save_pretrained_merged(..., save_method='merged_16bit') or `desktune merge` dequantizes the base)."
         )
     return config
 

@@ -104,7 +104,8 @@ def _bpe_tokens(tok_json: dict[str, Any], n_vocab: int) -> tuple[list[str], list
     return _pad(by_id, n_vocab)
 
 
-def _spm_tokens(folder: Path, tok_json: dict[str, Any] | None, n_vocab: int) -> tuple[list[str], list[float], list[int]]:
+def _spm_tokens(folder: Path, tok_json: dict[str, Any] | None,
+                n_vocab: int) -> tuple[list[str], list[float], list[int]]:
     import gguf
 
     by_id: dict[int, tuple[str, int]] = {}
