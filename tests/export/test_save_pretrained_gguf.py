@@ -28,7 +28,7 @@ def _check_export(model, tokenizer, tmp_path):
     from safetensors.torch import load_file
 
     files = model.save_pretrained_gguf(tmp_path / "gguf", tokenizer, quantization_method=["f16", "q8_0"],
-                                       file_stem="tiny")
+                                       file_stem="tiny", maximum_memory_usage=0.75)  # Unsloth's option: ignored
     assert [f.name for f in files] == ["tiny.F16.gguf", "tiny.Q8_0.gguf"]
     model.save_pretrained_merged(tmp_path / "merged", tokenizer, save_method="merged_16bit")
     merged = load_file(str(tmp_path / "merged" / "model.safetensors"))

@@ -24,6 +24,10 @@ from desktune.errors import GGUFExportError, UnsupportedModelError
 from desktune.export import gguf_arch, gguf_quant, gguf_tokenizer
 from desktune.log import logger
 
+# Unsloth's save_pretrained_gguf options that have no meaning here (its memory and temporary
+# folder tuning); accepted so notebooks written for Unsloth run unchanged.
+_UNSLOTH_IGNORED = {"maximum_memory_usage", "temporary_location", "first_conversion", "is_main_process"}
+
 # HF buffers that are not weights.
 _SKIP_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -199,7 +203,7 @@ def _model_name(folder: Path, config: Any) -> str:
 def save_pretrained_gguf(model: Any, save_directory: str | os.PathLike, tokenizer: Any = None,
                          quantization_method: str | Sequence[str] = "q8_0", *, file_stem: str | None = None,
                          modelfile: bool = True, modelfile_parameters: dict[str, Any] | None = None,
-                         threads: int = 0) -> list[Path]:
+                         threads: int = 0, **unsloth_kwargs: Any) -> list[Path]:
     """Merge `model` (LoRA adapters folded in, a 4-bit base dequantized) into a temporary
     16-bit folder inside `save_directory`, write one GGUF file per quantization method
     there (`<stem>.<METHOD>.gguf`) and an Ollama Modelfile for the first one.
@@ -207,6 +211,11 @@ def save_pretrained_gguf(model: Any, save_directory: str | os.PathLike, tokenize
     Returns the GGUF paths. quantization_method: "f16", "bf16", "q8_0" (no compiled tool
     needed) or a llama.cpp type such as "q4_k_m", "q5_k_m", "q6_k" (needs llama-quantize
     or llama-cpp-python); a list writes several."""
+    unknown = set(unsloth_kwargs) - _UNSLOTH_IGNORED
+    if unknown:
+        raise TypeError(f"save_pretrained_gguf() got unexpected keyword arguments: {', '.join(sorted(unknown))}")
+    if unsloth_kwargs:
+        logger.info("save_pretrained_gguf: ignoring Unsloth-only options %s", ", ".join(sorted(unsloth_kwargs)))
     methods = [quantization_method] if isinstance(quantization_method, str) else list(quantization_method)
     if not methods:
         raise GGUFExportError("quantization_method is empty; pass e.g. 'q8_0' or ['q8_0', 'q4_k_m'].")
