@@ -33,7 +33,7 @@ def _config(model_dir, out, *extra):
             "training.max_steps=6",
             "training.save_steps=2",
             "training.per_device_train_batch_size=2",
-            "training.gradient_accumulation_steps=2",
+            "training.gradient_accumulation_steps=1",
             "training.learning_rate=1e-2",
             "training.warmup_steps=1",
             "training.lr_scheduler_type=cosine",
