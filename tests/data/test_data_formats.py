@@ -148,3 +148,12 @@ def test_over_long_rows_reported_by_original_index(tmp_path):
     assert [m[0]["content"] for m in ds["messages"]] == ["short", "short too"]
     with pytest.raises(BadRowError, match=r"row 2: over-long example: \d+ tokens, max_seq_length is 64"):
         prepare_dataset(datasets.Dataset.from_list([rows[1], rows[1], rows[2]]), tok, max_seq_length=64)
+
+
+@pytest.mark.parametrize("rows", [ALPACA[:1], SHAREGPT, [{"messages": [{"role": "user", "content": "a"},
+                                                                     {"role": "assistant", "content": "b"}]}]])
+def test_default_system_prompt_only_where_a_row_has_none(rows):
+    ds = prepare_dataset(datasets.Dataset.from_list(rows), system="Default.")
+    first = ds[0]["messages"][0]
+    want = "Be brief." if "conversations" in rows[0] else "Default."  # the ShareGPT row brings its own
+    assert first == {"role": "system", "content": want}

@@ -112,17 +112,19 @@ def sharegpt_to_messages(conversation: list[dict], roles: dict[str, str] | None 
 
 
 def row_to_messages(row: dict, fmt: str, system: str | None = None) -> list[dict[str, str]]:
+    """The row as chat messages; `system` is the system prompt for rows that bring none."""
     if fmt == "alpaca":
         return alpaca_to_messages(row, system)
     if fmt == "sharegpt":
-        return sharegpt_to_messages(row["conversations"])
-    if fmt == "messages":
+        messages = sharegpt_to_messages(row["conversations"])
+    elif fmt == "messages":
         # extra per-turn fields (gpt-oss "thinking", Qwen3 "reasoning_content", ...) stay for the template
         messages = [{k: v for k, v in m.items() if v is not None} for m in row["messages"]]
-        if system and messages[0]["role"] != "system":
-            messages.insert(0, {"role": "system", "content": system})
-        return messages
-    raise ValueError(f"row_to_messages: format {fmt!r} has no messages (one of alpaca, sharegpt, messages)")
+    else:
+        raise ValueError(f"row_to_messages: format {fmt!r} has no messages (one of alpaca, sharegpt, messages)")
+    if system and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system})
+    return messages
 
 
 def standardize_sharegpt(dataset, roles: dict[str, str] | None = None, column: str = "conversations"):
