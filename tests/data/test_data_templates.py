@@ -182,3 +182,21 @@ def test_apply_chat_template_text_rows_get_one_bos(base_tokenizer):
     assert not text.startswith("<|begin_of_text|>")  # the tokenizer adds it when TRL tokenizes the text
     ids = tok(text)["input_ids"]
     assert ids == tok.apply_chat_template(CHAT, tokenize=True, return_dict=True)["input_ids"]
+
+
+def test_trainer_whose_collator_drops_labels_is_refused(base_tokenizer):
+    import torch
+
+    from desktune.errors import DatasetFormatError
+
+    class OldStyleTrainer:  # a collator that rebuilds labels from input_ids, as TRL < 1.0's did
+        processing_class = _tokenizer_for(base_tokenizer, "llama-3")
+        train_dataset = [{"input_ids": [1, 2, 3]}]
+
+        @staticmethod
+        def data_collator(rows):
+            ids = torch.tensor([r["input_ids"] for r in rows])
+            return {"input_ids": ids, "labels": ids.clone()}
+
+    with pytest.raises(DatasetFormatError, match="ignores the dataset's labels"):
+        train_on_responses_only(OldStyleTrainer())

@@ -160,6 +160,26 @@ def _mask_dataset(dataset, masker: ResponseMasker, name: str):
     return kept
 
 
+def _check_collator_keeps_labels(trainer) -> None:
+    """Refuse a trainer whose collator rebuilds labels from input_ids (older TRL): the mask would be lost."""
+    collator = getattr(trainer, "data_collator", None)
+    if collator is None:
+        return
+    try:
+        batch = collator([{"input_ids": [1, 2, 3], "labels": [1, IGNORE_INDEX, 3]}])
+    except Exception:  # a collator that needs other fields: nothing to learn from this probe
+        return
+    labels = batch.get("labels") if hasattr(batch, "get") else None
+    if labels is not None and int(labels[0][1]) != IGNORE_INDEX:
+        from desktune.errors import DatasetFormatError
+
+        raise DatasetFormatError(
+            f"train_on_responses_only: this trainer's data collator ({type(collator).__name__}) ignores the "
+            "dataset's labels, so the response-only mask would be lost; use TRL >= 1.0's SFTTrainer (whose "
+            "collator keeps labels) or a collator that pads the labels column as given"
+        )
+
+
 def train_on_responses_only(
     trainer, instruction_part: str | None = None, response_part: str | None = None, tokenizer=None
 ):
@@ -177,6 +197,7 @@ def train_on_responses_only(
     masker = ResponseMasker(tokenizer, instruction_part, response_part)
     if not hasattr(trainer, "train_dataset"):
         return _mask_dataset(trainer, masker, "train")
+    _check_collator_keeps_labels(trainer)
     if trainer.train_dataset is not None:
         trainer.train_dataset = _mask_dataset(trainer.train_dataset, masker, "train")
     evals = getattr(trainer, "eval_dataset", None)
