@@ -12,7 +12,7 @@ desktune, and lives here:
 - sharding a model that does not fit one GPU with PyTorch's FSDP2 (`shard_model()`): each
   decoder layer becomes one `fully_shard` unit, so every process holds 1/N of the (4-bit or
   16-bit) base weights and all-gathers one layer at a time; LoRA weights are sharded and
-  trained like any other parameter.
+  trained like any other parameter (`save_sharded_adapter()` gathers and writes them).
 
 Nothing happens at import; with no launcher every helper answers "one process, rank 0".
 """
@@ -201,3 +201,26 @@ def shard_model(model: nn.Module, mesh=None, reshard_after_forward: bool = True,
     fully_shard(model, **kwargs)
     logger.info("FSDP2: %d decoder layers sharded over %d processes", len(layers), process_info().world_size)
     return model
+
+
+def save_sharded_adapter(model: nn.Module, save_directory) -> None:
+    """Save the LoRA adapter of an FSDP2-sharded PEFT model: call it on EVERY rank.
+
+    Each trainable weight is a DTensor holding 1/N of the rows; `full_tensor()` gathers it (a
+    collective, hence every rank), then rank 0 alone writes a normal PEFT adapter folder.
+    """
+    from torch.distributed.tensor import DTensor
+
+    if not hasattr(model, "peft_config"):
+        from desktune.errors import DistributedSetupError
+
+        raise DistributedSetupError("save_sharded_adapter needs a PEFT model (from get_peft_model)")
+    full = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            tensor = param.full_tensor() if isinstance(param, DTensor) else param
+            full[name] = tensor.detach().cpu()
+    if is_main_process():
+        model.save_pretrained(save_directory, state_dict=full)
+    wait_for_everyone()
+

@@ -19,20 +19,20 @@ def main() -> None:
     parser.add_argument("--load-in-4bit", action="store_true")
     parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args()
-    result = train(args.model, args.single, args.load_in_4bit, args.steps)
+    result = train(args.model, args.single, args.load_in_4bit, args.steps, adapter_dir=Path(args.out) / "adapter")
     if result is not None:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "result.json").write_text(json.dumps(result))
 
 
-def train(model_dir: str, single: bool, load_in_4bit: bool, steps: int) -> dict | None:
-    """Losses and LoRA weights (on rank 0; None elsewhere)."""
+def train(model_dir: str, single: bool, load_in_4bit: bool, steps: int, adapter_dir: Path) -> dict | None:
+    """Losses and LoRA weights (on rank 0; None elsewhere); the adapter saved to `adapter_dir`."""
     import torch
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
     from desktune import FastLanguageModel
-    from desktune.distributed import is_main_process, shard_model
+    from desktune.distributed import is_main_process, save_sharded_adapter, shard_model
 
     model, _ = FastLanguageModel.from_pretrained(model_dir, max_seq_length=64, load_in_4bit=load_in_4bit)
     model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=True,
@@ -63,7 +63,10 @@ def train(model_dir: str, single: bool, load_in_4bit: bool, steps: int) -> dict 
         if "lora_" in name:
             full = param.full_tensor() if isinstance(param, DTensor) else param  # a collective: every rank
             lora[name] = full.detach().float().flatten().tolist()
-    if not single:
+    if single:
+        model.save_pretrained(adapter_dir)
+    else:
+        save_sharded_adapter(model, adapter_dir)
         dist.destroy_process_group()
     return {"losses": losses, "lora": lora, "sharded": sharded} if is_main_process() else None
 
