@@ -91,11 +91,15 @@ def is_main_process() -> bool:
 
 
 def local_device() -> torch.device:
-    """This process's GPU (cuda:LOCAL_RANK), or the CPU when there is none."""
+    """This process's GPU: cuda:LOCAL_RANK under a launcher, else the current CUDA device; or the CPU."""
     if not torch.cuda.is_available():
         return torch.device("cpu")
+    if "LOCAL_RANK" not in os.environ:  # no launcher: respect torch.cuda.set_device of the caller
+        return torch.device("cuda", torch.cuda.current_device())
     info = process_info()
     count = torch.cuda.device_count()
+    if count == 1:  # the launcher (e.g. SLURM) gave each process only its own GPU
+        return torch.device("cuda", 0)
     if info.local_rank >= count:
         from desktune.errors import DistributedSetupError
 

@@ -42,6 +42,20 @@ def test_second_node_second_gpu(launcher):
     assert not info.is_main and info.is_distributed and not distributed.is_main_process()
 
 
+def test_each_process_gets_its_own_gpu(launcher, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert distributed.local_device() == torch.device("cuda", 1)  # no launcher: the caller's current device
+    launcher(rank=6, local_rank=2, world=8, local_world=4)
+    assert distributed.local_device() == torch.device("cuda", 2)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # one GPU visible per process
+    assert distributed.local_device() == torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(DistributedSetupError, match="LOCAL_RANK 2 but only 2 GPU"):
+        distributed.local_device()
+
+
 def test_bad_launcher_variables_are_named(launcher, monkeypatch):
     launcher(rank=2, local_rank=0, world=2, local_world=2)
     with pytest.raises(DistributedSetupError, match="RANK=2 .*WORLD_SIZE=2"):
