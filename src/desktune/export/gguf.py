@@ -56,6 +56,9 @@ def convert_hf_to_gguf(folder: str | os.PathLike, out_file: str | os.PathLike, q
         return out_file
     gguf_quant.require_quantizer(method)  # fail before the slow 16-bit pass
     config = _load_config(folder)
+    if "_k" in method.name and int(config.hidden_size) % 256:
+        logger.warning("hidden size %d is not a multiple of 256: llama.cpp stores most tensors in a non-k "
+                       "fallback type (q5_0/q8_0) instead of %s", config.hidden_size, method.name)
     base = gguf_quant.parse_method("bf16" if str(getattr(config, "dtype", "")).endswith("bfloat16") else "f16")
     with tempfile.TemporaryDirectory(dir=out_file.parent, prefix=".gguf-") as tmp:
         half = Path(tmp) / f"model.{base.file_tag}.gguf"
