@@ -37,10 +37,11 @@ def train(model_dir: str, single: bool, load_in_4bit: bool, steps: int, adapter_
     model, _ = FastLanguageModel.from_pretrained(model_dir, max_seq_length=64, load_in_4bit=load_in_4bit)
     model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=True,
                                              random_state=3407)
-    rows = torch.randint(0, model.config.vocab_size, (4, 24), generator=torch.Generator().manual_seed(0))
+    device = next(model.parameters()).device
+    rows = torch.randint(0, model.config.vocab_size, (4, 24), generator=torch.Generator().manual_seed(0)).to(device)
     sharded = []
     if not single:
-        dist.init_process_group("gloo")
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         shard_model(model)
         rank, world = dist.get_rank(), dist.get_world_size()
         rows = rows.chunk(world)[rank]
