@@ -14,7 +14,8 @@ _PACKED = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 6, 7, 8]
 
 def _cos_sin(positions, rotary_dim, dtype, theta=10000.0, attention_factor=1.0):
     """rotate_half-style cos/sin [B, L, R] as transformers' rotary modules build them."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim)
+    steps = torch.arange(0, rotary_dim, 2, dtype=torch.float32, device=positions.device)
+    inv_freq = 1.0 / theta ** (steps / rotary_dim)
     freqs = positions[..., None].float() * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
     return (emb.cos() * attention_factor).to(dtype), (emb.sin() * attention_factor).to(dtype)
