@@ -34,7 +34,6 @@ def _config(model_dir, out, batch: int, steps: int):
         "training.warmup_steps=0",
         "training.lr_scheduler_type=constant",  # max_steps does not change the schedule
         f"output.dir={out}",
-        "output.tensorboard=false",
     ])
 
 
@@ -59,6 +58,7 @@ def test_train_on_two_processes_resumes_on_one(llama_dir, tmp_path):
     checkpoint = out / "checkpoint-3"
     assert sorted(p.name for p in checkpoint.glob("rng_state*")) == ["rng_state_0.pth", "rng_state_1.pth"]
     assert not (out / ".staging").exists()
+    assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 1  # rank 0's only
     assert [s for s, _ in _losses(out)] == [1, 2, 3]  # one line per step: only rank 0 writes metrics
     torch.testing.assert_close(torch.tensor([l for _, l in _losses(out)]),
                                torch.tensor([l for _, l in ref.losses[:3]]), rtol=1e-3, atol=0)

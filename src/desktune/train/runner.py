@@ -119,6 +119,7 @@ def build_trainer(config: TrainConfig, model=None, tokenizer=None, dataset=None)
     """The DesktuneSFTTrainer for `config` (model/tokenizer/dataset are built when not given)."""
     from desktune.data.masking import train_on_responses_only
     from desktune.data.pipeline import prepare_dataset
+    from desktune.distributed import is_main_process
     from desktune.memory.oom import install_oom_advice
     from desktune.train.progress import TrainingProgress
     from desktune.train.trainer import DesktuneSFTTrainer
@@ -140,7 +141,7 @@ def build_trainer(config: TrainConfig, model=None, tokenizer=None, dataset=None)
             max_rows=d.max_rows,
         )
     callbacks = []
-    if config.output.tensorboard:
+    if config.output.tensorboard and is_main_process():  # a SummaryWriter creates its event file at once
         try:
             from torch.utils.tensorboard import SummaryWriter
             from transformers.integrations import TensorBoardCallback
