@@ -54,7 +54,8 @@ def _launches():
                                     for cap in (None, 30.0) for grad in (False, True)]
     quantized = [quantize_nf4(torch.randn(64, 128).to(dt), compress_statistics=nested)
                  for dt in (bf16, torch.float16) for nested in (True, False)]
-    yield "dequantize_4bit", lambda: [dequantize_4bit(p, s) for p, s in quantized]
+    odd = quantize_nf4(torch.randn(37, 130).to(bf16))  # not whole blocks: the per-byte kernel
+    yield "dequantize_4bit", lambda: [dequantize_4bit(p, s) for p, s in (*quantized, odd)]
     yield "nf4_matmul", lambda: [nf4_matmul(torch.randn(8, n).to(bf16), p, s, t, aligned)
                                  for p, s in quantized[:2] for t, n in ((True, 128), (False, 64))
                                  for aligned in (True, False)]

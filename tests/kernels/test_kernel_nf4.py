@@ -28,6 +28,22 @@ def test_dequantize_4bit_is_bitsandbytes_bit_for_bit(bnb_functional, dtype, nest
     assert torch.equal(dequantize_4bit_reference(packed, state), want)
 
 
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_whole_block_weights_take_the_block_kernel_bit_for_bit(bnb_functional, dtype, nested, monkeypatch):
+    # 300 x 192 = 900 whole blocks of 64 (every Llama projection is whole blocks): the kernel
+    # that loads one scale per block; 15 programs of 64 blocks, the last one partial.
+    import desktune.kernels.nf4 as nf4
+
+    torch.manual_seed(2)
+    weight = (torch.randn(300, 192) * torch.linspace(0.01, 3, 192)).to(dtype)
+    packed, state = bnb_functional.quantize_4bit(weight, blocksize=64, compress_statistics=nested, quant_type="nf4")
+    monkeypatch.setattr(nf4, "_dequant_4bit_kernel", None)  # the per-byte kernel must not be used
+    got = nf4.dequantize_4bit(packed, state)
+    assert got.shape == (300, 192)
+    assert torch.equal(got, bnb_functional.dequantize_4bit(packed, state))
+
+
 def test_dequantize_4bit_nested_spans_several_second_level_blocks(bnb_functional):
     # 300 x 130 values -> 610 absmax codes -> 3 second-level blocks of 256.
     torch.manual_seed(1)

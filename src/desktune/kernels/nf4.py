@@ -68,6 +68,49 @@ def _dequant_4bit_kernel(
         tl.store(OUT + offs, value.to(OUT.dtype.element_ty), mask=offs < n_elements)
 
 
+@kernel
+def _dequant_4bit_blocks_kernel(
+    Q,  # packed uint8: quant block b is bytes [b * HALF, (b + 1) * HALF)
+    CODE,  # [16] float32 lookup table
+    ABSMAX,  # [n_blocks] float32, or uint8 codes when NESTED
+    CODE2, ABSMAX2, OFFSET,  # second level (NESTED only)
+    OUT,  # n_blocks * 2 * HALF values of the output dtype
+    n_blocks, blocksize2,
+    NESTED: tl.constexpr,
+    EXACT_BF16: tl.constexpr,  # interpreter only: round float32 -> bf16 to nearest even by hand
+    HALF: tl.constexpr,  # bytes per quant block (blocksize / 2, a power of two)
+    ROWS: tl.constexpr,  # quant blocks per program
+):
+    # One row per quant block: one scale load per block (not per byte), the two nibbles
+    # of each byte joined into value order, and each block's values stored contiguously.
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_mask = rows < n_blocks
+    cols = tl.arange(0, HALF)
+    packed = tl.load(Q + rows[:, None] * HALF + cols[None, :], mask=row_mask[:, None], other=0).to(tl.int32)
+    if NESTED:
+        scale_q = tl.load(ABSMAX + rows, mask=row_mask, other=0).to(tl.int32)
+        scale = tl.load(CODE2 + scale_q) * tl.load(ABSMAX2 + rows // blocksize2, mask=row_mask, other=0.0)
+        scale = scale + tl.load(OFFSET)
+    else:
+        scale = tl.load(ABSMAX + rows, mask=row_mask, other=0.0)
+    hi = tl.load(CODE + (packed >> 4)) * scale[:, None]
+    lo = tl.load(CODE + (packed & 15)) * scale[:, None]
+    value = tl.reshape(tl.join(hi, lo), (ROWS, 2 * HALF))
+    offs = rows[:, None] * (2 * HALF) + tl.arange(0, 2 * HALF)[None, :]
+    if EXACT_BF16:
+        bits = value.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        tl.store(OUT + offs, bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=row_mask[:, None])
+    else:
+        tl.store(OUT + offs, value.to(OUT.dtype.element_ty), mask=row_mask[:, None])
+
+
+# Quant blocks per program of the block kernel: 64 blocks of 64 values = 8 KiB of bf16
+# written per program, 14336 programs for a 14336 x 4096 weight. (H200 run 1: the per-byte
+# kernel, one scale gather per byte, took 0.154 ms there against bitsandbytes' 0.076 ms.)
+_BLOCKS_PER_PROGRAM = 64
+
+
 def _block(n_bytes: int) -> int:
     # Memory bound gather/scale: 1024 bytes (2048 values, 4 KiB of bf16 out) per program
     # keeps every SM busy for 4096x4096 weights (8M bytes -> 8192 programs).
@@ -110,6 +153,15 @@ def dequantize_4bit(packed: torch.Tensor, quant_state, out: torch.Tensor | None 
         absmax = quant_state.absmax.to(torch.float32)
         code2 = absmax2 = offset = absmax  # unused when not nested
         blocksize2 = 1
+    blocksize = int(quant_state.blocksize)
+    if n % blocksize == 0 and blocksize >= 2 and blocksize & (blocksize - 1) == 0:
+        n_blocks = n // blocksize
+        _dequant_4bit_blocks_kernel[(cdiv(n_blocks, _BLOCKS_PER_PROGRAM),)](
+            packed, code, absmax, code2, absmax2, offset, out, n_blocks, blocksize2, NESTED=nested,
+            EXACT_BF16=out.dtype == torch.bfloat16 and not out.is_cuda, HALF=blocksize // 2,
+            ROWS=_BLOCKS_PER_PROGRAM,
+        )
+        return out
     block = _block(packed.numel())
     _dequant_4bit_kernel[(cdiv(packed.numel(), block),)](
         packed, code, absmax, code2, absmax2, offset, out,
