@@ -47,3 +47,42 @@ def test_fused_forward_under_autocast_computes_in_the_autocast_dtype(tiny_model_
     # bf16 operands: compare by relative norm error (elementwise bf16 rounding is ~1e-2).
     for got, want in zip((out, *grads), (ref, *ref_grads)):
         assert ((got.float() - want).norm() / want.norm()).item() < 2e-2
+
+
+def test_gated_mlp_of_4bit_lora_layers_runs_as_one_fused_function(tiny_model_dir):
+    import torch.nn.functional as F
+
+    from desktune.lora.fast_lora import fused_gated_mlp
+
+    model, _ = FastLanguageModel.from_pretrained(tiny_model_dir("llama"), load_in_4bit=True)
+    model = FastLanguageModel.get_peft_model(model, r=4, random_state=0)
+    mlp = model.get_base_model().model.layers[1].mlp
+    with torch.no_grad():
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            getattr(mlp, name).lora_B["default"].weight.normal_(0, 0.5)
+    x = torch.randn(2, 5, 64)
+    assert fused_gated_mlp(mlp, x, "silu") is not None
+    assert fused_gated_mlp(mlp, x, "relu") is None  # no fused activation: caller runs the modules
+
+    def peft_forward(layer, h):
+        return type(layer).forward(layer, h)  # PEFT's own layer forward, not desktune's
+
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ours = mlp(x1)
+    ref = peft_forward(mlp.down_proj, F.silu(peft_forward(mlp.gate_proj, x2)) * peft_forward(mlp.up_proj, x2))
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    grads = torch.autograd.grad(ours.square().sum(), [x1, *[p for p in mlp.parameters() if p.requires_grad]])
+    ref_grads = torch.autograd.grad(ref.square().sum(), [x2, *[p for p in mlp.parameters() if p.requires_grad]])
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+
+    with model.disable_adapter():  # adapters off: the fused MLP steps aside
+        assert fused_gated_mlp(mlp, x, "silu") is None
+
+
+def test_16bit_lora_mlp_is_not_fused(tiny_model_dir):
+    from desktune.lora.fast_lora import fused_gated_mlp
+
+    model, _ = FastLanguageModel.from_pretrained(tiny_model_dir("llama"), load_in_4bit=False)
+    model = FastLanguageModel.get_peft_model(model, r=4)
+    assert fused_gated_mlp(model.get_base_model().model.layers[0].mlp, torch.randn(1, 3, 64), "silu") is None

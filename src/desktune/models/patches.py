@@ -20,6 +20,7 @@ from desktune.errors import SequenceTooLongError
 from desktune.kernels.cross_entropy import fused_linear_cross_entropy
 from desktune.kernels.rmsnorm import rmsnorm
 from desktune.kernels.swiglu import geglu, swiglu
+from desktune.lora.fast_lora import fused_gated_mlp
 from desktune.memory.tiled_mlp import TiledMLPConfig, chunk_count, tiled_mlp
 
 # config activation name -> gated activation over (gate, up)
@@ -53,6 +54,9 @@ def patch_gated_mlp(module: nn.Module, activation: str, tiling: TiledMLPConfig |
 
     def forward(self, x):
         def untiled(h):
+            fused = fused_gated_mlp(self, h, activation)  # None unless all three are 4-bit LoRA layers
+            if fused is not None:
+                return fused
             return self.down_proj(gated(self.gate_proj(h), self.up_proj(h)))
 
         tiling = self._desktune_tiling
