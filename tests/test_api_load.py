@@ -69,3 +69,12 @@ def test_full_finetuning_trains_every_weight_unquantised(tiny_model_dir):
     assert type(model.model.layers[0].mlp.up_proj).__name__ == "Linear"
     assert all(p.requires_grad for p in model.parameters())
     assert model.is_gradient_checkpointing
+
+
+def test_sdpa_models_switch_to_varlen_attention_softcapped_ones_keep_eager(tiny_model_dir):
+    from desktune.models.attention import NAME
+
+    llama, _ = FastLanguageModel.from_pretrained(tiny_model_dir("llama"), load_in_4bit=False)
+    gemma2, _ = FastLanguageModel.from_pretrained(tiny_model_dir("gemma2"), load_in_4bit=False)
+    assert llama.config._attn_implementation == NAME
+    assert gemma2.config._attn_implementation == "eager"  # attention soft-capping needs the eager path

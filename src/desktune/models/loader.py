@@ -11,6 +11,7 @@ import torch
 from desktune.errors import DesktuneError, GPUOutOfMemoryError, ModelPathError
 from desktune.log import logger
 from desktune.models import registry
+from desktune.models.attention import use_varlen_attention
 from desktune.models.patches import check_sequence_length
 from desktune.quant.bnb import quantization_config
 
@@ -139,6 +140,8 @@ def load(request: LoadRequest):
     model.max_seq_length = max_seq_length
     if family is not None:
         registry.patch(model, family, max_seq_length)
+        # packed / unpadded rows: flash varlen on the GPU instead of SDPA's dense block mask
+        use_varlen_attention(model)
     elif hasattr(model, "model"):
         check_sequence_length(model.model, lambda: model.max_seq_length)
     if max_seq_length > getattr(config, "max_position_embeddings", max_seq_length):
