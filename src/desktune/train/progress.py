@@ -26,11 +26,12 @@ class TrainingProgress(TrainerCallback):
     @classmethod
     def attach(cls, trainer, metrics_file: str | Path | None = None, notebook: bool | None = None):
         """Replace the trainer's stock progress bar / log printer with this one; returns the callback."""
-        from transformers.trainer_callback import PrinterCallback, ProgressCallback
-        from transformers.utils.notebook import NotebookProgressCallback
-
-        for stock in (PrinterCallback, ProgressCallback, NotebookProgressCallback):
-            trainer.remove_callback(stock)
+        # By class name: importing transformers.utils.notebook needs IPython, which a
+        # headless machine may lack (seen on the H200 run: ModuleNotFoundError).
+        stock = {"PrinterCallback", "ProgressCallback", "NotebookProgressCallback"}
+        for callback in list(trainer.callback_handler.callbacks):
+            if type(callback).__name__ in stock:
+                trainer.remove_callback(callback)
         if trainer.args.include_num_input_tokens_seen in ("no", False, None):  # tokens/s needs the count
             trainer.args.include_num_input_tokens_seen = "non_padding"
         progress = cls(metrics_file=metrics_file, notebook=notebook)
