@@ -45,7 +45,12 @@ def qlora_operands(layer: nn.Module):
     ):
         return None
     weight = layer.base_layer.weight
-    return weight.data, weight.quant_state, layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name]
+    # FSDP2 swaps the weight for a plain gathered Parameter, which has no quant_state;
+    # bitsandbytes keeps a copy on the module for that case.
+    state = getattr(weight, "quant_state", None)
+    if state is None:
+        state = layer.base_layer.quant_state
+    return weight.data, state, layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name]
 
 
 @contextlib.contextmanager
