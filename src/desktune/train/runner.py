@@ -73,8 +73,13 @@ def load_model(config: TrainConfig):
     return model, tokenizer
 
 
-def sft_arguments(config: TrainConfig):
-    """TRL SFTConfig for the run (checkpoints into output.dir, our progress bar, no stock tqdm)."""
+def sft_arguments(config: TrainConfig, padding_free: bool = False):
+    """TRL SFTConfig for the run (checkpoints into output.dir, our progress bar, no stock tqdm).
+
+    padding_free (data.packing.use_padding_free decides it per model): each batch is one row
+    of its examples back to back, positions restarting, no padding. prepare_dataset has
+    already refused or skipped rows over max_seq_length, so TRL's own truncation is off
+    then (it refuses max_length with padding-free and no packing)."""
     import torch
     from trl import SFTConfig
 
@@ -104,8 +109,9 @@ def sft_arguments(config: TrainConfig):
         save_strategy="steps",
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
-        max_length=config.model.max_seq_length,
+        max_length=None if padding_free and not config.data.packing else config.model.max_seq_length,
         packing=config.data.packing,
+        padding_free=padding_free,
         bf16=bf16,
         fp16=on_gpu and not bf16 and not config.quantization.full_finetuning,
         use_cpu=not on_gpu,  # without it, processes started by torchrun on a CPU would not form one job
@@ -118,6 +124,7 @@ def sft_arguments(config: TrainConfig):
 def build_trainer(config: TrainConfig, model=None, tokenizer=None, dataset=None):
     """The DesktuneSFTTrainer for `config` (model/tokenizer/dataset are built when not given)."""
     from desktune.data.masking import train_on_responses_only
+    from desktune.data.packing import use_padding_free
     from desktune.data.pipeline import prepare_dataset
     from desktune.distributed import is_main_process
     from desktune.memory.oom import install_oom_advice
@@ -149,9 +156,10 @@ def build_trainer(config: TrainConfig, model=None, tokenizer=None, dataset=None)
             logger.warning("tensorboard is not installed (pip install tensorboard): no TensorBoard logs this run")
         else:
             callbacks.append(TensorBoardCallback(SummaryWriter(log_dir=str(out / "tensorboard"))))
+    padding_free = use_padding_free(model, config.training.per_device_train_batch_size, config.data.packing)
     trainer = DesktuneSFTTrainer(
         model=model,
-        args=sft_arguments(config),
+        args=sft_arguments(config, padding_free),
         train_dataset=dataset,
         processing_class=tokenizer,
         callbacks=callbacks,
