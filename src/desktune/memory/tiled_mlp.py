@@ -28,9 +28,11 @@ import torch
 @dataclass(frozen=True)
 class TiledMLPConfig:
     # Below this many tokens per call the MLP runs untiled (the recompute costs
-    # time and the intermediates are small). 8192 tokens of Llama-8B's MLP hold
-    # 0.7 GB of intermediates in bf16.
-    min_tokens: int = 8192
+    # time and the intermediates are small). Measured on the H200 (docs/gpu-notes.md,
+    # run 4): tiling a Llama-8B QLoRA step of 4 x 2048 tokens cost 22% of the step
+    # time (9,967 -> 7,771 tokens/s) to save 0.44 GiB. 32768 tokens of that MLP hold
+    # 2.8 GB of intermediates in bf16: from there on the memory is worth the time.
+    min_tokens: int = 32768
     # Chunk count; None picks ceil(intermediate / hidden), which makes one chunk's
     # intermediates about as large as the hidden states of the whole sequence.
     num_chunks: int | None = None

@@ -29,6 +29,10 @@ from desktune.kernels.nf4 import QuantState4bit, dequantize_4bit, dequantize_4bi
 EXPERT_CHUNK = 8
 NF4_BLOCKSIZE = 64
 
+# gpt-oss's clamped SwiGLU constants (the released checkpoints' values)
+GPT_OSS_SWIGLU_ALPHA = 1.702
+GPT_OSS_SWIGLU_LIMIT = 7.0
+
 
 @dataclass
 class ExpertLora:
@@ -139,7 +143,10 @@ class GroupedExperts(nn.Module):
         super().__init__()
         experts, hidden, inter = config.num_local_experts, config.hidden_size, config.intermediate_size
         self.num_experts, self.hidden_size, self.intermediate_size = experts, hidden, inter
-        self.alpha, self.limit = config.swiglu_alpha, config.swiglu_limit
+        # transformers 5.17 (the GPU machine's) has no swiglu_alpha in the config: its experts
+        # hard-code gpt-oss's 1.702; the limit has been a config field throughout (7.0).
+        self.alpha = getattr(config, "swiglu_alpha", GPT_OSS_SWIGLU_ALPHA)
+        self.limit = getattr(config, "swiglu_limit", GPT_OSS_SWIGLU_LIMIT)
         self.quantized = quantize_4bit
         shapes = {"gate_up_proj": (experts, hidden, 2 * inter), "down_proj": (experts, inter, hidden)}
         for name, shape in shapes.items():
