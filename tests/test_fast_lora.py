@@ -86,3 +86,26 @@ def test_16bit_lora_mlp_is_not_fused(tiny_model_dir):
     model, _ = FastLanguageModel.from_pretrained(tiny_model_dir("llama"), load_in_4bit=False)
     model = FastLanguageModel.get_peft_model(model, r=4)
     assert fused_gated_mlp(model.get_base_model().model.layers[0].mlp, torch.randn(1, 3, 64), "silu") is None
+
+
+def test_training_again_after_generate_on_the_cpu(tiny_model_dir):
+    # bitsandbytes would repack the 4-bit weights of the layers it runs itself (here the ones
+    # without LoRA) for its CPU inference kernel during generate, lossily; desktune's loader
+    # turns that off per layer, so training after generate sees the same weights.
+    model, tokenizer = FastLanguageModel.from_pretrained(tiny_model_dir("llama"), load_in_4bit=True)
+    model = FastLanguageModel.get_peft_model(model, r=4, target_modules=["q_proj", "v_proj"], random_state=0)
+    batch = tokenizer(["Add the two numbers: 2 and 3"], return_tensors="pt")
+    model.train()
+    before = model(**batch, labels=batch.input_ids).loss.item()
+
+    def packed_layers():
+        return sum(getattr(m.weight.quant_state, "packing_format_for_cpu", False)
+                   for m in model.modules() if type(m).__name__ == "Linear4bit" and hasattr(m.weight, "quant_state"))
+
+    FastLanguageModel.for_inference(model)
+    model.generate(**batch, max_new_tokens=3, do_sample=False)
+    assert packed_layers() == 0
+    FastLanguageModel.for_training(model)
+    after = model(**batch, labels=batch.input_ids)
+    after.loss.backward()
+    assert abs(after.loss.item() - before) < 1e-5

@@ -13,7 +13,7 @@ from desktune.log import logger
 from desktune.models import registry
 from desktune.models.attention import use_varlen_attention
 from desktune.models.patches import check_sequence_length
-from desktune.quant.bnb import quantization_config
+from desktune.quant.bnb import keep_storage_layout_on_cpu, quantization_config
 
 # Volta is the oldest architecture with the bf16/fp16 tensor-core paths bitsandbytes and Triton build for.
 MIN_COMPUTE_CAPABILITY = (7, 0)
@@ -135,6 +135,7 @@ def load(request: LoadRequest):
             f"the GPU ran out of memory loading {request.model_name!r}. Load it in 4-bit (load_in_4bit=True), "
             f"close other programs using the GPU (nvidia-smi), or pick a smaller model."
         ) from exc
+    keep_storage_layout_on_cpu(model)
     tokenizer = AutoTokenizer.from_pretrained(resolved, token=request.token, trust_remote_code=request.trust_remote_code)
     _prepare_tokenizer(tokenizer, max_seq_length)
     model.max_seq_length = max_seq_length

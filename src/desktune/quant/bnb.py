@@ -58,13 +58,37 @@ def dequantize_linear_weight(module: nn.Module) -> torch.Tensor:
     """The 16/32-bit weight of a bitsandbytes Linear4bit / Linear8bitLt (a new tensor)."""
     from peft.utils.integrations import dequantize_bnb_weight
 
-    state = getattr(module.weight, "quant_state", None)
-    if getattr(state, "packing_format_for_cpu", False):
-        # bitsandbytes repacks 4-bit weights for its CPU inference kernel on the first
-        # eval forward; undo that (as its own state_dict saving does) before reading them.
-        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-        module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
-            module.weight.data, state
-        )
+    undo_cpu_inference_packing(module)
     return dequantize_bnb_weight(module.weight, state=getattr(module, "state", None))
+
+
+def keep_storage_layout_on_cpu(model: nn.Module) -> int:
+    """Stop bitsandbytes from repacking this model's 4-bit weights for its CPU inference kernel.
+
+    That repacking (on the first eval forward without gradients, CPUs with AVX512-BF16)
+    is lossy to undo: training after a generate() would run on slightly different weights.
+    The flag is set per layer instance; on the GPU it changes nothing. Returns how many.
+    """
+    count = 0
+    for module in model.modules():
+        if type(module).__name__ == "Linear4bit" and hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    return count
+
+
+def undo_cpu_inference_packing(module: nn.Module) -> bool:
+    """Put a bitsandbytes Linear4bit's weight back in its storage layout; returns whether it had to.
+
+    On the CPU, bitsandbytes repacks 4-bit weights for its inference kernel on the first
+    eval forward without gradients. Code that reads the packed weight itself (dequantising,
+    desktune's fused QLoRA path, training again after generate) needs the storage layout
+    back, which bitsandbytes' own state_dict saving restores the same way.
+    """
+    state = getattr(getattr(module, "weight", None), "quant_state", None)
+    if not getattr(state, "packing_format_for_cpu", False):
+        return False
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(module.weight.data, state)
+    return True
