@@ -24,55 +24,26 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 
-LLAMA_31_8B = dict(
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    max_position_embeddings=131072,
-    rms_norm_eps=1e-5,
-    vocab_size=128256,
-    tie_word_embeddings=False,
-    rope_parameters={
-        "rope_type": "llama3",
-        "rope_theta": 500000.0,
-        "factor": 8.0,
-        "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 8192,
-    },
-)
-
-
 def make_random_llama_8b(folder: Path, layers: int | None = None) -> Path:
+    """A random-weight Llama-3.1-8B-shaped folder (desktune.bench.shapes' config), written once."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
+    from desktune.bench.shapes import build_config
     from desktune.fixtures.tokenizer import make_tokenizer
 
     if (folder / "config.json").is_file():
         return folder
     t0 = time.perf_counter()
-    tokenizer = make_tokenizer()
-    shape = dict(LLAMA_31_8B, num_hidden_layers=layers or LLAMA_31_8B["num_hidden_layers"])
-    config = LlamaConfig(
-        **shape,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    config = build_config("llama-3.1-8b")
+    if layers:
+        config.num_hidden_layers = layers
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)  # initialise straight in bf16: no 32 GB fp32 copy
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(default)
+    with torch.device(device):  # initialise straight in bf16: no 32 GB fp32 copy
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
     n = sum(p.numel() for p in model.parameters())
     print(f"[run_notebook] random Llama-3.1-8B shape: {n / 1e9:.2f}B parameters written to {folder} "
           f"in {time.perf_counter() - t0:.0f} s", flush=True)
