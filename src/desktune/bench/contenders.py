@@ -93,6 +93,19 @@ def load_desktune(spec: LoadSpec):
     )
 
 
+def _baseline(auto_class, spec: LoadSpec):
+    """bitsandbytes NF4 + SDPA + non-reentrant checkpointing + PEFT LoRA, loaded through `auto_class`."""
+    model = auto_class.from_pretrained(
+        spec.model_dir,
+        dtype=spec.dtype,
+        quantization_config=_bnb_config(spec.dtype),
+        attn_implementation="sdpa",
+        device_map=_device_map(spec),
+    )
+    _enable_checkpointing(model)
+    return _peft_lora(model, spec)
+
+
 def load_transformers(spec: LoadSpec):
     """The recipe every transformers + peft + bitsandbytes user has: SDPA attention, non-reentrant checkpointing.
 
@@ -101,30 +114,14 @@ def load_transformers(spec: LoadSpec):
     """
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(
-        spec.model_dir,
-        dtype=spec.dtype,
-        quantization_config=_bnb_config(spec.dtype),
-        attn_implementation="sdpa",
-        device_map=_device_map(spec),
-    )
-    _enable_checkpointing(model)
-    return _peft_lora(model, spec)
+    return _baseline(AutoModelForCausalLM, spec)
 
 
 def load_liger(spec: LoadSpec):
     """The baseline with Liger-Kernel's patches for this model type (RMSNorm, RoPE, SwiGLU, fused linear CE)."""
     from liger_kernel.transformers import AutoLigerKernelForCausalLM
 
-    model = AutoLigerKernelForCausalLM.from_pretrained(
-        spec.model_dir,
-        dtype=spec.dtype,
-        quantization_config=_bnb_config(spec.dtype),
-        attn_implementation="sdpa",
-        device_map=_device_map(spec),
-    )
-    _enable_checkpointing(model)
-    return _peft_lora(model, spec)
+    return _baseline(AutoLigerKernelForCausalLM, spec)
 
 
 def load_unsloth(spec: LoadSpec):
