@@ -75,6 +75,19 @@ def _peft_lora(model, spec: LoadSpec):
     return get_peft_model(model, config)
 
 
+def _unsloth_style_lora(spec: LoadSpec) -> dict:
+    """get_peft_model arguments shared by desktune and Unsloth (the same call signature)."""
+    return dict(
+        r=spec.rank,
+        lora_alpha=spec.lora_alpha,
+        target_modules=list(spec.target_modules),
+        lora_dropout=0.0,
+        bias="none",
+        use_gradient_checkpointing="unsloth",
+        random_state=spec.seed,
+    )
+
+
 def load_desktune(spec: LoadSpec):
     from desktune import FastLanguageModel
 
@@ -131,17 +144,7 @@ def load_unsloth(spec: LoadSpec):
     model, _ = FastLanguageModel.from_pretrained(
         model_name=spec.model_dir, max_seq_length=spec.max_seq_length, dtype=spec.dtype, load_in_4bit=True
     )
-    return FastLanguageModel.get_peft_model(
-        model,
-        r=spec.rank,
-        lora_alpha=spec.lora_alpha,
-        target_modules=list(spec.target_modules),
-        lora_dropout=0.0,
-        bias="none",
-        use_gradient_checkpointing="unsloth",
-        random_state=spec.seed,
-        max_seq_length=spec.max_seq_length,
-    )
+    return FastLanguageModel.get_peft_model(model, **_unsloth_style_lora(spec), max_seq_length=spec.max_seq_length)
 
 
 CONTENDERS: dict[str, Contender] = {
